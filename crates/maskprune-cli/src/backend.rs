@@ -1,0 +1,58 @@
+//! Picking the burn backend from `--device`: every command is written once, generic over
+//! the backend, and dispatched here.
+
+use std::str::FromStr;
+
+use burn::tensor::backend::Backend;
+
+/// The `--device` flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// burn-ndarray on the CPU.
+    Cpu,
+    /// burn-cuda on GPU N.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" => Ok(DeviceArg::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceArg::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}` (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceArg::Cpu => write!(f, "cpu"),
+            DeviceArg::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// A command body generic over the backend.
+pub trait BackendJob {
+    /// What the job returns.
+    type Output;
+    /// Runs the job on backend `B` and `device`.
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
+}
+
+/// Runs `job` on the backend `device` names.
+pub fn dispatch<J: BackendJob>(device: DeviceArg, job: J) -> anyhow::Result<J::Output> {
+    match device {
+        DeviceArg::Cpu => job.run::<burn::backend::NdArray>(Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceArg::Cuda(n) => job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(n)),
+        #[cfg(not(feature = "cuda"))]
+        DeviceArg::Cuda(_) => anyhow::bail!("this maskprune was built without CUDA; rebuild with `--features cuda`"),
+    }
+}

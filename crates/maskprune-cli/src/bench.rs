@@ -1,0 +1,112 @@
+//! `maskprune bench`: dense forward (prefill) throughput at given shapes, as JSON.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use maskprune_eval::perplexity::token_tensor;
+use maskprune_model::{output::write_file_atomically, Llama};
+use serde_json::json;
+
+use crate::backend::{dispatch, BackendJob};
+use crate::{progress, RunOptions};
+
+/// Arguments of `bench`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Shapes BATCHxLEN, comma separated.
+    #[arg(long, default_value = "1x1024,4x256")]
+    shapes: String,
+    /// Untimed runs per shape.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs per shape (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Write the measurements here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunOptions,
+}
+
+fn parse_shapes(s: &str) -> anyhow::Result<Vec<(usize, usize)>> {
+    s.split(',')
+        .map(|p| {
+            let (b, t) = p
+                .trim()
+                .split_once('x')
+                .ok_or_else(|| anyhow::anyhow!("shape `{p}` is not BATCHxLEN"))?;
+            let (b, t): (usize, usize) = (b.parse()?, t.parse()?);
+            anyhow::ensure!(b > 0 && t > 0, "shape `{p}` must be positive");
+            Ok((b, t))
+        })
+        .collect()
+}
+
+struct Job(Args, Vec<(usize, usize)>);
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let shapes = parse_shapes(&args.shapes)?;
+    dispatch(args.run.device, Job(args, shapes))
+}
+
+impl BackendJob for Job {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        let Job(a, shapes) = self;
+        let model = Llama::<B>::load(&a.model, &device)?;
+        let vocab = model.config.vocab_size as u64;
+        let mut rows_out = Vec::new();
+        for (batch, len) in shapes {
+            // Deterministic pseudo-random tokens (a 64-bit LCG).
+            let mut state = 0x9E37_79B9_7F4A_7C15u64;
+            let tokens: Vec<Vec<u32>> = (0..batch)
+                .map(|_| {
+                    (0..len)
+                        .map(|_| {
+                            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                            ((state >> 33) % vocab) as u32
+                        })
+                        .collect()
+                })
+                .collect();
+            let rows: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+            let mut times = Vec::new();
+            for i in 0..a.warmup + a.repeats {
+                let start = Instant::now();
+                let logits = model.forward(token_tensor(&rows, &device))?;
+                // Reading one value back forces the (possibly asynchronous) backend to finish.
+                let _ = logits.narrow(1, len - 1, 1).sum().into_scalar();
+                if i >= a.warmup {
+                    times.push(start.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            let tps = (batch * len) as f64 / median;
+            println!("forward {batch}x{len}: {median:.3}s median of {}, {tps:.0} tokens/s", times.len());
+            rows_out.push(json!({"batch": batch, "seq_len": len, "seconds": times, "median_s": median, "tokens_per_s": tps}));
+        }
+        let report = json!({
+            "bench": "dense_forward",
+            "model": a.model,
+            "params": model.config.total_params(),
+            "backend": format!("burn {} ({})", a.run.device, std::any::type_name::<B>()),
+            "threads": rayon_threads(),
+            "results": rows_out,
+        });
+        if let Some(p) = &a.json {
+            write_file_atomically(p, &serde_json::to_vec_pretty(&report)?)?;
+            progress::info(format!("wrote {}", p.display()));
+        }
+        Ok(())
+    }
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}

@@ -1,0 +1,76 @@
+//! `maskprune`: structured pruning of LLaMA-family models with learned masks.
+//! One subcommand per pipeline stage; see the README for the whole pipeline.
+
+mod backend;
+mod bench;
+mod eval_ppl;
+mod import;
+mod inspect;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::backend::DeviceArg;
+
+/// Structured pruning of LLaMA-family models with learned masks (MaskPrune).
+#[derive(Parser)]
+#[command(name = "maskprune", version, about, long_about = None)]
+struct Cli {
+    /// No progress bars or informational messages (results and errors are still printed).
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a GGUF file into a Hugging Face model directory (config, safetensors, tokenizer).
+    ImportGguf(import::Args),
+    /// Evaluate a model.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Print a checkpoint's architecture, parameter counts and provenance.
+    Inspect(inspect::Args),
+    /// Measure forward (prefill) throughput and write JSON.
+    Bench(bench::Args),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Perplexity over non-overlapping windows (LLM-Pruner / Wanda / SparseGPT protocol).
+    Ppl(eval_ppl::Args),
+}
+
+/// Options shared by commands that run a model.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunOptions {
+    /// Compute device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Data directory (default: $MASKPRUNE_DATA, ../shared/data, ~/.cache/maskprune/data).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    progress::set_quiet(cli.quiet);
+    let result = match cli.command {
+        Command::ImportGguf(a) => import::run(a),
+        Command::Eval(EvalCommand::Ppl(a)) => eval_ppl::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let message = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

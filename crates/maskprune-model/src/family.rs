@@ -1,0 +1,113 @@
+//! Model-family adapters: everything that differs between `llama`, `mistral` and `qwen2`
+//! lives here, so the rest of the code never tests `model_type`.
+
+use serde_json::{Map, Value};
+
+/// Which bias vectors a family's linear layers carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Biases {
+    /// q_proj, k_proj and v_proj have a bias.
+    pub qkv: bool,
+    /// o_proj has a bias.
+    pub o: bool,
+    /// gate_proj, up_proj and down_proj have a bias.
+    pub mlp: bool,
+}
+
+/// A supported decoder family. All share the LLaMA block (RMSNorm, RoPE, GQA, SwiGLU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `model_type: llama` (LLaMA 1/2/3, SmolLM, TinyLlama, ...).
+    Llama,
+    /// `model_type: mistral`.
+    Mistral,
+    /// `model_type: qwen2`.
+    Qwen2,
+}
+
+impl Family {
+    /// The family for a config's `model_type`, or `None` when unsupported.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "llama" => Some(Family::Llama),
+            "mistral" => Some(Family::Mistral),
+            "qwen2" => Some(Family::Qwen2),
+            _ => None,
+        }
+    }
+
+    /// The `model_type` string written to `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The transformers class that loads this family.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+
+    /// Which linear layers carry biases, read the way transformers reads this family's config.
+    pub fn biases(self, fields: &Map<String, Value>) -> Result<Biases, String> {
+        let flag = |key: &str| -> Result<bool, String> {
+            match fields.get(key) {
+                None | Some(Value::Null) => Ok(false),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(other) => Err(format!("`{key}` must be true or false, found {other}")),
+            }
+        };
+        Ok(match self {
+            Family::Llama => {
+                let attention = flag("attention_bias")?;
+                Biases {
+                    qkv: attention,
+                    o: attention,
+                    mlp: flag("mlp_bias")?,
+                }
+            }
+            Family::Mistral => Biases::default(),
+            // Qwen2 always has q/k/v biases and no others.
+            Family::Qwen2 => Biases {
+                qkv: true,
+                o: false,
+                mlp: false,
+            },
+        })
+    }
+
+    /// The sliding attention window the family's config asks for, if any.
+    pub fn sliding_window(self, fields: &Map<String, Value>) -> Result<Option<usize>, String> {
+        let window = match fields.get("sliding_window") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .ok_or_else(|| format!("`sliding_window` must be a positive integer, found {v}"))?
+                    as usize,
+            ),
+        };
+        match self {
+            Family::Llama => Ok(None),
+            Family::Mistral => Ok(window),
+            Family::Qwen2 => {
+                let used = matches!(fields.get("use_sliding_window"), Some(Value::Bool(true)));
+                if used {
+                    Err("`use_sliding_window: true` (per-layer sliding-window attention) is not supported".into())
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    /// The RoPE base transformers uses when the config gives none.
+    pub fn default_rope_theta(self) -> f64 {
+        10_000.0
+    }
+}

@@ -1,0 +1,352 @@
+//! The LLaMA-family decoder on burn, numerically following transformers'
+//! `LlamaForCausalLM`, with optional per-layer masks over query heads and MLP channels.
+
+use std::path::Path;
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::rope::{inverse_frequencies, Rotary};
+use crate::weights::WeightStore;
+
+/// A linear layer stored input-major (`[in, out]`), so that `y = x · W + b`.
+#[derive(Debug, Clone)]
+pub struct Linear<B: Backend> {
+    /// Weight, `[in_features, out_features]` (the transpose of PyTorch's layout).
+    pub weight: Tensor<B, 2>,
+    /// Optional bias, `[out_features]`.
+    pub bias: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Applies the layer to `[batch, len, in]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d_in] = x.dims();
+        let d_out = self.weight.dims()[1];
+        let y = x.reshape([b * t, d_in]).matmul(self.weight.clone());
+        let y = match &self.bias {
+            Some(bias) => y + bias.clone().unsqueeze::<2>(),
+            None => y,
+        };
+        y.reshape([b, t, d_out])
+    }
+}
+
+/// RMSNorm with a learned scale, computed in f32 like transformers' `LlamaRMSNorm`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm<B: Backend> {
+    /// Per-channel scale, `[hidden]`.
+    pub weight: Tensor<B, 1>,
+    /// Added to the mean square before the square root.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Normalises `[batch, len, hidden]` over the last dimension.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let inv_rms = x.clone().square().mean_dim(2).add_scalar(self.eps).sqrt().recip();
+        x * inv_rms * self.weight.clone().unsqueeze::<3>()
+    }
+}
+
+/// Per-layer masks multiplied into the forward pass. `None` means all ones (and costs nothing).
+#[derive(Debug, Clone)]
+pub struct LayerMask<B: Backend> {
+    /// One value per query head, multiplied into the head's attention output before `o_proj`.
+    pub heads: Option<Tensor<B, 1>>,
+    /// One value per MLP channel, multiplied into `silu(gate) * up` before `down_proj`.
+    pub channels: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Default for LayerMask<B> {
+    fn default() -> Self {
+        Self {
+            heads: None,
+            channels: None,
+        }
+    }
+}
+
+/// Self-attention with grouped-query heads.
+#[derive(Debug, Clone)]
+pub struct Attention<B: Backend> {
+    /// Query projection, `[hidden, heads * head_dim]`.
+    pub q_proj: Linear<B>,
+    /// Key projection, `[hidden, kv_heads * head_dim]`.
+    pub k_proj: Linear<B>,
+    /// Value projection, `[hidden, kv_heads * head_dim]`.
+    pub v_proj: Linear<B>,
+    /// Output projection, `[heads * head_dim, hidden]`.
+    pub o_proj: Linear<B>,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Causal attention over `[batch, len, hidden]`; `head_mask` scales each query head's output.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        causal: &Tensor<B, 4>,
+        head_mask: Option<&Tensor<B, 1>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let rep = h / kvh;
+        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, d]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, t, kvh, d]).swap_dims(1, 2);
+        let q = rotary.apply(q);
+        let k = rotary.apply(k);
+        // The query heads of one KV group are stacked along the sequence axis, so each
+        // group is a single matmul against its shared keys: no copy of K or V.
+        let q = q.reshape([b, kvh, rep * t, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
+        let scores = scores.reshape([b, h, t, t]) + causal.clone();
+        let probs = softmax(scores, 3).reshape([b, kvh, rep * t, t]);
+        let out = probs.matmul(v).reshape([b, h, t, d]);
+        let out = match head_mask {
+            Some(m) => out * m.clone().reshape([1, h, 1, 1]),
+            None => out,
+        };
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
+    }
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp<B: Backend> {
+    /// Gate projection, `[hidden, intermediate]`.
+    pub gate_proj: Linear<B>,
+    /// Up projection, `[hidden, intermediate]`.
+    pub up_proj: Linear<B>,
+    /// Down projection, `[intermediate, hidden]`.
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Applies the MLP; `channel_mask` scales each intermediate channel.
+    pub fn forward(&self, x: Tensor<B, 3>, channel_mask: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
+        let act = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        let act = match channel_mask {
+            Some(m) => act * m.clone().unsqueeze::<3>(),
+            None => act,
+        };
+        self.down_proj.forward(act)
+    }
+}
+
+/// One pre-norm decoder block.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer<B: Backend> {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Self-attention.
+    pub self_attn: Attention<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// The MLP.
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// Applies the block with an optional mask.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        causal: &Tensor<B, 4>,
+        mask: Option<&LayerMask<B>>,
+    ) -> Tensor<B, 3> {
+        let heads = mask.and_then(|m| m.heads.as_ref());
+        let channels = mask.and_then(|m| m.channels.as_ref());
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rotary, causal, heads);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x), channels)
+    }
+}
+
+/// A LLaMA-family causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama<B: Backend> {
+    /// The architecture it was built from.
+    pub config: ModelConfig,
+    /// Token embeddings, `[vocab, hidden]`.
+    pub embed_tokens: Tensor<B, 2>,
+    /// The decoder blocks.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// LM head, `[hidden, vocab]` (a transposed copy of the embeddings when tied).
+    pub lm_head: Tensor<B, 2>,
+    inv_freq: Vec<f32>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let store = WeightStore::open(dir)?;
+        Self::from_store(config, &store, device)
+    }
+
+    /// Builds the model from a parsed config and an opened weight store.
+    pub fn from_store(config: ModelConfig, store: &WeightStore, device: &B::Device) -> Result<Self> {
+        let c = &config;
+        let (h, q_out, kv_out, f) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        let vector = |name: &str, len: usize| -> Result<Tensor<B, 1>> {
+            let data = store.read_f32(name, &[len])?;
+            Ok(Tensor::from_data(TensorData::new(data, [len]), device))
+        };
+        // PyTorch stores Linear weights as [out, in]; we keep [in, out].
+        let linear = |prefix: &str, d_in: usize, d_out: usize, bias: bool| -> Result<Linear<B>> {
+            let w = store.read_f32(&format!("{prefix}.weight"), &[d_out, d_in])?;
+            let w = transpose(&w, d_out, d_in);
+            Ok(Linear {
+                weight: Tensor::from_data(TensorData::new(w, [d_in, d_out]), device),
+                bias: if bias { Some(vector(&format!("{prefix}.bias"), d_out)?) } else { None },
+            })
+        };
+        let norm = |name: &str| -> Result<RmsNorm<B>> {
+            Ok(RmsNorm {
+                weight: vector(name, h)?,
+                eps: c.rms_norm_eps,
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let b = c.biases;
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj"), h, q_out, b.qkv)?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj"), h, kv_out, b.qkv)?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj"), h, kv_out, b.qkv)?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj"), q_out, h, b.o)?,
+                    num_heads: c.num_attention_heads,
+                    num_kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), h, f, b.mlp)?,
+                    up_proj: linear(&format!("{p}.mlp.up_proj"), h, f, b.mlp)?,
+                    down_proj: linear(&format!("{p}.mlp.down_proj"), f, h, b.mlp)?,
+                },
+            });
+        }
+        let embed = store.read_f32("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings {
+            transpose(&embed, c.vocab_size, h)
+        } else {
+            let w = store.read_f32("lm_head.weight", &[c.vocab_size, h])?;
+            transpose(&w, c.vocab_size, h)
+        };
+        Ok(Self {
+            embed_tokens: Tensor::from_data(TensorData::new(embed, [c.vocab_size, h]), device),
+            lm_head: Tensor::from_data(TensorData::new(lm_head, [h, c.vocab_size]), device),
+            norm: norm("model.norm.weight")?,
+            layers,
+            inv_freq: inverse_frequencies(c),
+            config,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.device()
+    }
+
+    /// Logits `[batch, len, vocab]` of the dense model.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        self.forward_masked(tokens, None)
+    }
+
+    /// Logits `[batch, len, vocab]` with optional per-layer masks (one entry per layer).
+    pub fn forward_masked(&self, tokens: Tensor<B, 2, Int>, masks: Option<&[LayerMask<B>]>) -> Result<Tensor<B, 3>> {
+        let hidden = self.hidden_states(tokens, masks)?;
+        Ok(self.logits(hidden))
+    }
+
+    /// Final-norm hidden states `[batch, len, hidden]`, before the LM head.
+    pub fn hidden_states(&self, tokens: Tensor<B, 2, Int>, masks: Option<&[LayerMask<B>]>) -> Result<Tensor<B, 3>> {
+        let [b, t] = tokens.dims();
+        let c = &self.config;
+        if let Some(window) = c.sliding_window {
+            if t > window {
+                return Err(ModelError::new(
+                    "config.json",
+                    format!("sequence of {t} tokens exceeds `sliding_window` ({window}); sliding-window attention is not supported"),
+                ));
+            }
+        }
+        if let Some(m) = masks {
+            if m.len() != self.layers.len() {
+                return Err(ModelError::new(
+                    "masks",
+                    format!("{} layer masks given for a model of {} layers", m.len(), self.layers.len()),
+                ));
+            }
+        }
+        let device = self.device();
+        let rotary = Rotary::new(&self.inv_freq, 0, t, &device);
+        let causal = causal_mask::<B>(t, &device);
+        let ids = tokens.reshape([b * t]);
+        let mut x = self.embed_tokens.clone().select(0, ids).reshape([b, t, c.hidden_size]);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, &rotary, &causal, masks.map(|m| &m[i]));
+        }
+        Ok(self.norm.forward(x))
+    }
+
+    /// Applies the LM head to hidden states.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, h] = hidden.dims();
+        hidden
+            .reshape([b * t, h])
+            .matmul(self.lm_head.clone())
+            .reshape([b, t, self.config.vocab_size])
+    }
+}
+
+/// Additive causal mask `[1, 1, len, len]`: 0 on and below the diagonal, -inf above.
+pub fn causal_mask<B: Backend>(len: usize, device: &B::Device) -> Tensor<B, 4> {
+    let mut data = vec![0.0f32; len * len];
+    for i in 0..len {
+        for j in (i + 1)..len {
+            data[i * len + j] = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [1, 1, len, len]), device)
+}
+
+/// Row-major transpose of a `rows x cols` matrix.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 32;
+    let mut out = vec![0.0f32; data.len()];
+    for r0 in (0..rows).step_by(BLOCK) {
+        for c0 in (0..cols).step_by(BLOCK) {
+            for r in r0..(r0 + BLOCK).min(rows) {
+                for c in c0..(c0 + BLOCK).min(cols) {
+                    out[c * rows + r] = data[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,172 @@
+//! Rotary position embedding in transformers' rotate-half layout, with the `linear` and
+//! `llama3` frequency scalings.
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::config::{ModelConfig, RopeScaling};
+
+/// Inverse frequencies of the rotary embedding, computed in f32 as transformers does.
+pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
+    let dim = config.head_dim;
+    let base = config.rope_theta as f32;
+    let inv: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
+        .collect();
+    match &config.rope_scaling {
+        None => inv,
+        Some(RopeScaling::Linear { factor }) => inv.iter().map(|f| f / *factor as f32).collect(),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            let (factor, low, high, old) = (
+                *factor as f32,
+                *low_freq_factor as f32,
+                *high_freq_factor as f32,
+                *original_max_position_embeddings as f32,
+            );
+            let low_freq_wavelen = old / low;
+            let high_freq_wavelen = old / high;
+            inv.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_freq_wavelen {
+                        f
+                    } else if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Cosine and sine tables for positions `start..start+len`, each `[len, head_dim]`
+/// (the frequencies repeated twice, as in `torch.cat((freqs, freqs), -1)`).
+pub fn cos_sin_tables(inv_freq: &[f32], start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = inv_freq.len();
+    let mut cos = vec![0.0f32; len * 2 * half];
+    let mut sin = vec![0.0f32; len * 2 * half];
+    for t in 0..len {
+        let pos = (start + t) as f32;
+        for (i, f) in inv_freq.iter().enumerate() {
+            let angle = pos * f;
+            let (s, c) = angle.sin_cos();
+            let row = t * 2 * half;
+            cos[row + i] = c;
+            cos[row + half + i] = c;
+            sin[row + i] = s;
+            sin[row + half + i] = s;
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotary tables on a device, shaped `[1, 1, len, head_dim]` to broadcast over batch and heads.
+#[derive(Debug, Clone)]
+pub struct Rotary<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rotary<B> {
+    /// Builds the tables for positions `start..start+len`.
+    pub fn new(inv_freq: &[f32], start: usize, len: usize, device: &B::Device) -> Self {
+        let dim = inv_freq.len() * 2;
+        let (cos, sin) = cos_sin_tables(inv_freq, start, len);
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, [1, 1, len, dim]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [1, 1, len, dim]), device),
+        }
+    }
+
+    /// Applies the rotation to `x` of shape `[batch, heads, len, head_dim]`.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [_, _, _, dim] = x.dims();
+        let half = dim / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    fn config(scaling: Option<RopeScaling>) -> ModelConfig {
+        let mut c = ModelConfig::from_json_str(
+            r#"{"model_type":"llama","hidden_size":64,"intermediate_size":8,"num_hidden_layers":1,
+                "num_attention_heads":4,"vocab_size":10,"rope_theta":10000.0}"#,
+        )
+        .unwrap();
+        c.rope_scaling = scaling;
+        c
+    }
+
+    #[test]
+    fn default_frequencies_follow_the_formula() {
+        let inv = inverse_frequencies(&config(None));
+        assert_eq!(inv.len(), 8);
+        assert_eq!(inv[0], 1.0);
+        assert!((inv[1] - 10000f32.powf(-2.0 / 16.0)).abs() < 1e-7);
+        let linear = inverse_frequencies(&config(Some(RopeScaling::Linear { factor: 4.0 })));
+        assert!(linear.iter().zip(&inv).all(|(l, d)| (l * 4.0 - d).abs() < 1e-7));
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        // Values from transformers' _compute_llama3_parameters with theta 10000, head_dim 16,
+        // factor 8, low 1, high 4, original context 64.
+        let scaled = inverse_frequencies(&config(Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0,
+        })));
+        let inv = inverse_frequencies(&config(None));
+        // wavelength 2*pi/f: below 16 kept, above 64 divided by 8, between smoothed.
+        for (s, f) in scaled.iter().zip(&inv) {
+            let wavelen = 2.0 * std::f32::consts::PI / f;
+            if wavelen < 16.0 {
+                assert_eq!(s, f);
+            } else if wavelen > 64.0 {
+                assert!((s * 8.0 - f).abs() < 1e-7);
+            } else {
+                assert!(*s < *f && *s > f / 8.0, "smoothed {s} not between {} and {f}", f / 8.0);
+            }
+        }
+        assert!(scaled.iter().zip(&inv).any(|(s, f)| s == f));
+        assert!(scaled.iter().zip(&inv).any(|(s, f)| (s * 8.0 - f).abs() < 1e-9));
+    }
+
+    #[test]
+    fn rotation_is_rotate_half_and_preserves_norm() {
+        let device = Default::default();
+        let inv = vec![1.0f32, 0.1];
+        let rot = Rotary::<NdArray>::new(&inv, 0, 3, &device);
+        let x = Tensor::<NdArray, 4>::from_data(
+            TensorData::new((0..12).map(|v| v as f32 + 1.0).collect::<Vec<_>>(), [1, 1, 3, 4]),
+            &device,
+        );
+        let y: Vec<f32> = rot.apply(x.clone()).into_data().to_vec().unwrap();
+        let x: Vec<f32> = x.into_data().to_vec().unwrap();
+        // Position 0 is the identity.
+        assert_eq!(&y[0..4], &x[0..4]);
+        // Position 2, pair (0, 2) rotated by angle 2 * inv[0].
+        let a = 2.0f32 * inv[0];
+        let (x0, x2) = (x[8], x[10]);
+        assert!((y[8] - (x0 * a.cos() - x2 * a.sin())).abs() < 1e-5);
+        assert!((y[10] - (x2 * a.cos() + x0 * a.sin())).abs() < 1e-5);
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&y[4..8]) - norm(&x[4..8])).abs() < 1e-3);
+    }
+}
