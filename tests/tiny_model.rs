@@ -1,0 +1,126 @@
+//! The tiny GQA fixture against transformers' logits: dense, masked, and mask semantics.
+
+use burn::tensor::{Tensor, TensorData};
+use maskprune_eval::perplexity::token_tensor;
+use maskprune_model::{load_tokenizer, LayerMask, Llama};
+use maskprune_tests::*;
+
+fn model() -> Llama<B> {
+    Llama::load(&fixtures().join("tiny-llama"), &Default::default()).unwrap()
+}
+
+fn inputs(reference: &serde_json::Value) -> Vec<Vec<u32>> {
+    reference["input_ids"].as_array().unwrap().iter().map(ids).collect()
+}
+
+fn logits(model: &Llama<B>, rows: &[Vec<u32>], masks: Option<&[LayerMask<B>]>) -> Vec<f32> {
+    let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    values(model.forward_masked(token_tensor(&rows, &model.device()), masks).unwrap())
+}
+
+fn mask(v: &serde_json::Value) -> Option<Tensor<B, 1>> {
+    if v.is_null() {
+        return None;
+    }
+    let f = floats(v);
+    let n = f.len();
+    Some(Tensor::from_data(TensorData::new(f, [n]), &Default::default()))
+}
+
+#[test]
+fn dense_logits_match_transformers() {
+    let reference = read_json("tiny-llama-reference.json");
+    let model = model();
+    assert_eq!((model.config.num_attention_heads, model.config.num_key_value_heads), (4, 2));
+    let ours = logits(&model, &inputs(&reference), None);
+    let diff = max_abs_diff(&ours, &floats(&reference["logits"]));
+    assert!(diff < 1e-4, "max |dlogit| = {diff}");
+}
+
+#[test]
+fn masked_logits_match_transformers() {
+    let reference = read_json("tiny-llama-reference.json");
+    let model = model();
+    let masks: Vec<LayerMask<B>> = (0..2)
+        .map(|l| LayerMask {
+            heads: mask(&reference["head_masks"][l]),
+            channels: mask(&reference["channel_masks"][l]),
+        })
+        .collect();
+    let ours = logits(&model, &inputs(&reference), Some(&masks));
+    let diff = max_abs_diff(&ours, &floats(&reference["masked_logits"]));
+    assert!(diff < 1e-4, "max |dlogit| = {diff}");
+    // And the masks really change the output.
+    assert!(max_abs_diff(&ours, &floats(&reference["logits"])) > 1e-2);
+}
+
+#[test]
+fn all_ones_masks_are_the_dense_model_bit_for_bit() {
+    let model = model();
+    let rows = inputs(&read_json("tiny-llama-reference.json"));
+    let ones = |n: usize| Some(Tensor::<B, 1>::ones([n], &Default::default()));
+    let masks: Vec<LayerMask<B>> = (0..2).map(|_| LayerMask { heads: ones(4), channels: ones(128) }).collect();
+    assert_eq!(logits(&model, &rows, None), logits(&model, &rows, Some(&masks)));
+}
+
+#[test]
+fn a_zeroed_head_removes_exactly_that_heads_contribution() {
+    let model = model();
+    let rows = inputs(&read_json("tiny-llama-reference.json"));
+    let device = Default::default();
+    let d = model.config.head_dim;
+    let (layer, head) = (1, 2);
+    let mut heads = vec![1.0f32; 4];
+    heads[head] = 0.0;
+    let mut masks = vec![LayerMask::default(), LayerMask::default()];
+    masks[layer].heads = Some(Tensor::from_data(TensorData::new(heads, [4]), &device));
+    let masked = logits(&model, &rows, Some(&masks));
+    // The same model with that head's input rows of o_proj set to zero.
+    let mut surgery = model.clone();
+    let o = &mut surgery.layers[layer].self_attn.o_proj.weight;
+    let hidden = o.dims()[1];
+    *o = o.clone().slice_fill([head * d..(head + 1) * d, 0..hidden], 0.0);
+    let removed = logits(&surgery, &rows, None);
+    assert!(max_abs_diff(&masked, &removed) < 1e-6);
+    assert!(max_abs_diff(&masked, &logits(&model, &rows, None)) > 1e-3);
+}
+
+#[test]
+fn a_zeroed_channel_removes_exactly_that_channels_contribution() {
+    let model = model();
+    let rows = inputs(&read_json("tiny-llama-reference.json"));
+    let device = Default::default();
+    let mut channels = vec![1.0f32; 128];
+    for c in [0, 17, 127] {
+        channels[c] = 0.0;
+    }
+    let mut masks = vec![LayerMask::default(), LayerMask::default()];
+    masks[0].channels = Some(Tensor::from_data(TensorData::new(channels, [128]), &device));
+    let masked = logits(&model, &rows, Some(&masks));
+    let mut surgery = model.clone();
+    let down = &mut surgery.layers[0].mlp.down_proj.weight;
+    for c in [0, 17, 127] {
+        *down = down.clone().slice_fill([c..c + 1, 0..64], 0.0);
+    }
+    assert!(max_abs_diff(&masked, &logits(&surgery, &rows, None)) < 1e-6);
+}
+
+#[test]
+fn the_wrong_number_of_layer_masks_is_an_error() {
+    let model = model();
+    let masks = vec![LayerMask::<B>::default()];
+    let tokens = token_tensor::<B>(&[&[1, 2, 3]], &Default::default());
+    let err = model.forward_masked(tokens, Some(&masks)).unwrap_err();
+    assert!(err.message.contains("1 layer masks given for a model of 2 layers"), "{err}");
+}
+
+#[test]
+fn tokenizer_reproduces_the_reference_ids() {
+    let reference = read_json("tiny-llama-reference.json");
+    let model = model();
+    let tok = load_tokenizer(&fixtures().join("tiny-llama"), &model.config).unwrap();
+    for (text, expected) in reference["texts"].as_array().unwrap().iter().zip(inputs(&reference)) {
+        let got = tok.encode(text.as_str().unwrap(), true).unwrap().get_ids().to_vec();
+        assert_eq!(&got[..expected.len()], &expected[..]);
+    }
+}
