@@ -23,7 +23,10 @@ fn ggml_type(name: &str) -> GgmlType {
 }
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 #[test]
@@ -37,7 +40,10 @@ fn dequantisers_agree_with_gguf_py() {
         let theirs = floats(&v["values"]);
         assert_eq!(ours.len(), theirs.len(), "{name}");
         for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{name}[{i}]: {a} vs gguf-py {b}");
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{name}[{i}]: {a} vs gguf-py {b}"
+            );
         }
     }
 }
@@ -46,16 +52,39 @@ fn dequantisers_agree_with_gguf_py() {
 fn tiny_gguf_imports_to_the_original_checkpoint() {
     let out = scratch("tiny-import").join("model");
     let mut calls = 0;
-    let report = import_gguf(&fixtures().join("tiny-llama.gguf"), &out, OutDtype::F32, false, &mut |_, _| calls += 1)
-        .unwrap();
+    let report = import_gguf(
+        &fixtures().join("tiny-llama.gguf"),
+        &out,
+        OutDtype::F32,
+        false,
+        &mut |_, _| calls += 1,
+    )
+    .unwrap();
     assert_eq!(calls, report.tensors);
     let original = ModelConfig::from_file(&fixtures().join("tiny-llama/config.json")).unwrap();
     let imported = ModelConfig::from_file(&out.join("config.json")).unwrap();
     assert_eq!(
-        (imported.hidden_size, imported.intermediate_size, imported.num_attention_heads, imported.num_key_value_heads),
-        (original.hidden_size, original.intermediate_size, original.num_attention_heads, original.num_key_value_heads)
+        (
+            imported.hidden_size,
+            imported.intermediate_size,
+            imported.num_attention_heads,
+            imported.num_key_value_heads
+        ),
+        (
+            original.hidden_size,
+            original.intermediate_size,
+            original.num_attention_heads,
+            original.num_key_value_heads
+        )
     );
-    assert_eq!((imported.head_dim, imported.vocab_size, imported.tie_word_embeddings), (16, original.vocab_size, false));
+    assert_eq!(
+        (
+            imported.head_dim,
+            imported.vocab_size,
+            imported.tie_word_embeddings
+        ),
+        (16, original.vocab_size, false)
+    );
     assert_eq!(imported.rope_theta, original.rope_theta);
     assert_eq!(imported.rms_norm_eps, original.rms_norm_eps);
     // Tensor by tensor, exactly (q/k un-permuted, names mapped).
@@ -66,25 +95,59 @@ fn tiny_gguf_imports_to_the_original_checkpoint() {
     let st = safetensors::SafeTensors::deserialize(&st).unwrap();
     for name in a.names() {
         let shape = st.tensor(name).unwrap().shape().to_vec();
-        assert_eq!(a.read_f32(name, &shape).unwrap(), b.read_f32(name, &shape).unwrap(), "{name}");
+        assert_eq!(
+            a.read_f32(name, &shape).unwrap(),
+            b.read_f32(name, &shape).unwrap(),
+            "{name}"
+        );
     }
     // Same logits as transformers on the original.
     let reference = read_json("tiny-llama-reference.json");
-    let rows: Vec<Vec<u32>> = reference["input_ids"].as_array().unwrap().iter().map(ids).collect();
+    let rows: Vec<Vec<u32>> = reference["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
     let rows_ref: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
     let model = Llama::<B>::load(&out, &Default::default()).unwrap();
-    let logits = values(model.forward(token_tensor(&rows_ref, &model.device())).unwrap());
+    let logits = values(
+        model
+            .forward(token_tensor(&rows_ref, &model.device()))
+            .unwrap(),
+    );
     assert!(max_abs_diff(&logits, &floats(&reference["logits"])) < 1e-4);
     // The tokenizer rebuilt from GGUF metadata encodes like the original.
     let tok = load_tokenizer(&out, &model.config).unwrap();
     let orig = load_tokenizer(&fixtures().join("tiny-llama"), &model.config).unwrap();
-    for text in ["The quick brown fox jumps over the lazy dog.", "Masks <|endoftext|> widths, 12345!"] {
-        assert_eq!(tok.encode(text, true).unwrap().get_ids(), orig.encode(text, true).unwrap().get_ids(), "{text}");
+    for text in [
+        "The quick brown fox jumps over the lazy dog.",
+        "Masks <|endoftext|> widths, 12345!",
+    ] {
+        assert_eq!(
+            tok.encode(text, true).unwrap().get_ids(),
+            orig.encode(text, true).unwrap().get_ids(),
+            "{text}"
+        );
     }
     // Importing again over it is refused without --overwrite, and works with it.
-    let err = import_gguf(&fixtures().join("tiny-llama.gguf"), &out, OutDtype::F32, false, &mut |_, _| {}).unwrap_err();
+    let err = import_gguf(
+        &fixtures().join("tiny-llama.gguf"),
+        &out,
+        OutDtype::F32,
+        false,
+        &mut |_, _| {},
+    )
+    .unwrap_err();
     assert!(err.message.contains("already exists"), "{err}");
-    import_gguf(&fixtures().join("tiny-llama.gguf"), &out, OutDtype::BF16, true, &mut |_, _| {}).unwrap();
+    import_gguf(
+        &fixtures().join("tiny-llama.gguf"),
+        &out,
+        OutDtype::BF16,
+        true,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let bf16 = std::fs::read_to_string(out.join("config.json")).unwrap();
     assert!(bf16.contains("bfloat16"));
 }
@@ -93,8 +156,22 @@ fn tiny_gguf_imports_to_the_original_checkpoint() {
 fn gguf_parser_reads_the_fixture_metadata() {
     let f = GgufFile::open(&fixtures().join("tiny-llama.gguf")).unwrap();
     assert_eq!(f.version, 3);
-    assert_eq!(f.get("general.architecture").and_then(|v| v.as_str()), Some("llama"));
-    assert_eq!(f.get("llama.attention.head_count_kv").and_then(|v| v.as_u64()), Some(2));
-    let q = f.tensors.iter().find(|t| t.name == "blk.0.attn_q.weight").unwrap();
-    assert_eq!((q.torch_shape(), q.ggml_type), (vec![64, 64], GgmlType::F16));
+    assert_eq!(
+        f.get("general.architecture").and_then(|v| v.as_str()),
+        Some("llama")
+    );
+    assert_eq!(
+        f.get("llama.attention.head_count_kv")
+            .and_then(|v| v.as_u64()),
+        Some(2)
+    );
+    let q = f
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.attn_q.weight")
+        .unwrap();
+    assert_eq!(
+        (q.torch_shape(), q.ggml_type),
+        (vec![64, 64], GgmlType::F16)
+    );
 }

@@ -13,16 +13,25 @@ use maskprune_model::{load_tokenizer, Llama};
 use maskprune_tests::*;
 
 fn model_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("MASKPRUNE_SMOLLM2").map(PathBuf::from).or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/maskprune/models/smollm2-135m-instruct"))
-    })?;
+    let dir = std::env::var_os("MASKPRUNE_SMOLLM2")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/maskprune/models/smollm2-135m-instruct"))
+        })?;
     if dir.join("config.json").is_file() {
         return Some(dir);
     }
     if std::env::var("MASKPRUNE_REQUIRE_SMOLLM2").as_deref() == Ok("1") {
-        panic!("SmolLM2 not found at {} (run scripts/fetch-smollm2.sh)", dir.display());
+        panic!(
+            "SmolLM2 not found at {} (run scripts/fetch-smollm2.sh)",
+            dir.display()
+        );
     }
-    eprintln!("skipping: SmolLM2 not found at {} (run scripts/fetch-smollm2.sh)", dir.display());
+    eprintln!(
+        "skipping: SmolLM2 not found at {} (run scripts/fetch-smollm2.sh)",
+        dir.display()
+    );
     None
 }
 
@@ -32,13 +41,24 @@ fn smollm2_logits_and_tokens_match_transformers() {
     let reference = read_json("smollm2-reference.json");
     let model = Llama::<B>::load(&dir, &Default::default()).unwrap();
     let tok = load_tokenizer(&dir, &model.config).unwrap();
-    let subset: Vec<usize> = ids(&reference["vocab_subset"]).into_iter().map(|i| i as usize).collect();
+    let subset: Vec<usize> = ids(&reference["vocab_subset"])
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
     let vocab = model.config.vocab_size;
     for s in reference["sentences"].as_array().unwrap() {
         let expected_ids = ids(&s["input_ids"]);
-        let got = tok.encode(s["text"].as_str().unwrap(), true).unwrap().get_ids().to_vec();
+        let got = tok
+            .encode(s["text"].as_str().unwrap(), true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         assert_eq!(got, expected_ids, "tokenizer disagrees with transformers");
-        let logits = values(model.forward(token_tensor(&[&got[..]], &model.device())).unwrap());
+        let logits = values(
+            model
+                .forward(token_tensor(&[&got[..]], &model.device()))
+                .unwrap(),
+        );
         let mut worst = 0.0f32;
         for (t, row) in s["subset_logits"].as_array().unwrap().iter().enumerate() {
             let ours: Vec<f32> = subset.iter().map(|&v| logits[t * vocab + v]).collect();
@@ -47,8 +67,17 @@ fn smollm2_logits_and_tokens_match_transformers() {
             let max = full.iter().cloned().fold(f32::MIN, f32::max);
             let lse = max + full.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
             worst = worst.max((lse - s["logsumexp"][t].as_f64().unwrap() as f32).abs());
-            let argmax = full.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-            assert_eq!(argmax as u64, s["argmax"][t].as_u64().unwrap(), "argmax at position {t}");
+            let argmax = full
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            assert_eq!(
+                argmax as u64,
+                s["argmax"][t].as_u64().unwrap(),
+                "argmax at position {t}"
+            );
         }
         assert!(worst < 1e-3, "max |dlogit| {worst} on {:?}", s["text"]);
     }
@@ -67,6 +96,12 @@ fn smollm2_wikitext2_perplexity_matches_transformers() {
     let enc = tok.encode(text.text.as_str(), true).unwrap();
     let wins = windows(enc.get_ids(), 128, Some(8));
     let result = perplexity(&model, &wins, 4, None, &mut |_| {}).unwrap();
-    let expected = reference["wikitext2_first8x128"]["mean_nll"].as_f64().unwrap();
-    assert!((result.mean_nll - expected).abs() < 1e-4, "mean NLL {} vs transformers {expected}", result.mean_nll);
+    let expected = reference["wikitext2_first8x128"]["mean_nll"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (result.mean_nll - expected).abs() < 1e-4,
+        "mean NLL {} vs transformers {expected}",
+        result.mean_nll
+    );
 }

@@ -10,12 +10,21 @@ fn model() -> Llama<B> {
 }
 
 fn inputs(reference: &serde_json::Value) -> Vec<Vec<u32>> {
-    reference["input_ids"].as_array().unwrap().iter().map(ids).collect()
+    reference["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect()
 }
 
 fn logits(model: &Llama<B>, rows: &[Vec<u32>], masks: Option<&[LayerMask<B>]>) -> Vec<f32> {
     let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
-    values(model.forward_masked(token_tensor(&rows, &model.device()), masks).unwrap())
+    values(
+        model
+            .forward_masked(token_tensor(&rows, &model.device()), masks)
+            .unwrap(),
+    )
 }
 
 fn mask(v: &serde_json::Value) -> Option<Tensor<B, 1>> {
@@ -24,14 +33,23 @@ fn mask(v: &serde_json::Value) -> Option<Tensor<B, 1>> {
     }
     let f = floats(v);
     let n = f.len();
-    Some(Tensor::from_data(TensorData::new(f, [n]), &Default::default()))
+    Some(Tensor::from_data(
+        TensorData::new(f, [n]),
+        &Default::default(),
+    ))
 }
 
 #[test]
 fn dense_logits_match_transformers() {
     let reference = read_json("tiny-llama-reference.json");
     let model = model();
-    assert_eq!((model.config.num_attention_heads, model.config.num_key_value_heads), (4, 2));
+    assert_eq!(
+        (
+            model.config.num_attention_heads,
+            model.config.num_key_value_heads
+        ),
+        (4, 2)
+    );
     let ours = logits(&model, &inputs(&reference), None);
     let diff = max_abs_diff(&ours, &floats(&reference["logits"]));
     assert!(diff < 1e-4, "max |dlogit| = {diff}");
@@ -59,8 +77,16 @@ fn all_ones_masks_are_the_dense_model_bit_for_bit() {
     let model = model();
     let rows = inputs(&read_json("tiny-llama-reference.json"));
     let ones = |n: usize| Some(Tensor::<B, 1>::ones([n], &Default::default()));
-    let masks: Vec<LayerMask<B>> = (0..2).map(|_| LayerMask { heads: ones(4), channels: ones(128) }).collect();
-    assert_eq!(logits(&model, &rows, None), logits(&model, &rows, Some(&masks)));
+    let masks: Vec<LayerMask<B>> = (0..2)
+        .map(|_| LayerMask {
+            heads: ones(4),
+            channels: ones(128),
+        })
+        .collect();
+    assert_eq!(
+        logits(&model, &rows, None),
+        logits(&model, &rows, Some(&masks))
+    );
 }
 
 #[test]
@@ -79,7 +105,9 @@ fn a_zeroed_head_removes_exactly_that_heads_contribution() {
     let mut surgery = model.clone();
     let o = &mut surgery.layers[layer].self_attn.o_proj.weight;
     let hidden = o.dims()[1];
-    *o = o.clone().slice_fill([head * d..(head + 1) * d, 0..hidden], 0.0);
+    *o = o
+        .clone()
+        .slice_fill([head * d..(head + 1) * d, 0..hidden], 0.0);
     let removed = logits(&surgery, &rows, None);
     assert!(max_abs_diff(&masked, &removed) < 1e-6);
     assert!(max_abs_diff(&masked, &logits(&model, &rows, None)) > 1e-3);
@@ -111,7 +139,11 @@ fn the_wrong_number_of_layer_masks_is_an_error() {
     let masks = vec![LayerMask::<B>::default()];
     let tokens = token_tensor::<B>(&[&[1, 2, 3]], &Default::default());
     let err = model.forward_masked(tokens, Some(&masks)).unwrap_err();
-    assert!(err.message.contains("1 layer masks given for a model of 2 layers"), "{err}");
+    assert!(
+        err.message
+            .contains("1 layer masks given for a model of 2 layers"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -119,8 +151,17 @@ fn tokenizer_reproduces_the_reference_ids() {
     let reference = read_json("tiny-llama-reference.json");
     let model = model();
     let tok = load_tokenizer(&fixtures().join("tiny-llama"), &model.config).unwrap();
-    for (text, expected) in reference["texts"].as_array().unwrap().iter().zip(inputs(&reference)) {
-        let got = tok.encode(text.as_str().unwrap(), true).unwrap().get_ids().to_vec();
+    for (text, expected) in reference["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(inputs(&reference))
+    {
+        let got = tok
+            .encode(text.as_str().unwrap(), true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         assert_eq!(&got[..expected.len()], &expected[..]);
     }
 }

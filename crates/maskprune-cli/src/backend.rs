@@ -51,8 +51,12 @@ pub fn dispatch<J: BackendJob>(device: DeviceArg, job: J) -> anyhow::Result<J::O
     match device {
         DeviceArg::Cpu => job.run::<burn::backend::NdArray>(Default::default()),
         #[cfg(feature = "cuda")]
-        DeviceArg::Cuda(n) => job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(n)),
+        DeviceArg::Cuda(n) => {
+            job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(n))
+        }
         #[cfg(not(feature = "cuda"))]
-        DeviceArg::Cuda(_) => anyhow::bail!("this maskprune was built without CUDA; rebuild with `--features cuda`"),
+        DeviceArg::Cuda(_) => {
+            anyhow::bail!("this maskprune was built without CUDA; rebuild with `--features cuda`")
+        }
     }
 }

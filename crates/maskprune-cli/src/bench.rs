@@ -68,7 +68,9 @@ impl BackendJob for Job {
                 .map(|_| {
                     (0..len)
                         .map(|_| {
-                            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                            state = state
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
                             ((state >> 33) % vocab) as u32
                         })
                         .collect()
@@ -88,7 +90,10 @@ impl BackendJob for Job {
             times.sort_by(f64::total_cmp);
             let median = times[times.len() / 2];
             let tps = (batch * len) as f64 / median;
-            println!("forward {batch}x{len}: {median:.3}s median of {}, {tps:.0} tokens/s", times.len());
+            println!(
+                "forward {batch}x{len}: {median:.3}s median of {}, {tps:.0} tokens/s",
+                times.len()
+            );
             rows_out.push(json!({"batch": batch, "seq_len": len, "seconds": times, "median_s": median, "tokens_per_s": tps}));
         }
         let report = json!({
@@ -108,5 +113,7 @@ impl BackendJob for Job {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

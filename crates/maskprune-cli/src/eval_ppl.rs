@@ -6,7 +6,9 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use maskprune_data::{load_dataset, windows, Role};
 use maskprune_eval::perplexity;
-use maskprune_model::{load_tokenizer, output::write_file_atomically, weights_sha256, Llama, WeightStore};
+use maskprune_model::{
+    load_tokenizer, output::write_file_atomically, weights_sha256, Llama, WeightStore,
+};
 use serde_json::json;
 
 use crate::backend::{dispatch, BackendJob};
@@ -49,6 +51,9 @@ impl BackendJob for Job {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let a = self.0;
+        // Cheap checks first: the model's config and tokenizer, then the text, then the weights.
+        let config = maskprune_model::ModelConfig::from_file(&a.model.join("config.json"))?;
+        let tokenizer = load_tokenizer(&a.model, &config)?;
         let text = load_dataset(&a.dataset, a.run.data_dir.as_deref())?;
         if text.role == Role::Calibration {
             progress::info(format!(
@@ -57,8 +62,6 @@ impl BackendJob for Job {
             ));
         }
         let store = WeightStore::open(&a.model)?;
-        let config = maskprune_model::ModelConfig::from_file(&a.model.join("config.json"))?;
-        let tokenizer = load_tokenizer(&a.model, &config)?;
         progress::info(format!("loading {} ...", a.model.display()));
         let model_sha = weights_sha256(&store);
         let model = Llama::<B>::from_store(config, &store, &device)?;
@@ -85,11 +88,18 @@ impl BackendJob for Job {
             text.description
         ));
         let pb = progress::bar("ppl", (wins.len() * a.seq_len) as u64, "tokens");
-        let result = perplexity(&model, &wins, a.batch, None, &mut |done| pb.set_position(done as u64))?;
+        let result = perplexity(&model, &wins, a.batch, None, &mut |done| {
+            pb.set_position(done as u64)
+        })?;
         pb.finish_and_clear();
         println!(
             "{} ppl {:.4} (seq_len {}, {} windows, {} predicted tokens, {:.0} tokens/s)",
-            text.name, result.ppl, a.seq_len, result.windows, result.predicted_tokens, result.tokens_per_s
+            text.name,
+            result.ppl,
+            a.seq_len,
+            result.windows,
+            result.predicted_tokens,
+            result.tokens_per_s
         );
         if let Some(path) = &a.json {
             let tokenizer_file = a.model.join("tokenizer.json");

@@ -31,12 +31,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let start = Instant::now();
     let pb = progress::bar("import", 0, "tensors");
-    let report = import_gguf(&args.gguf, &args.out, dtype, args.overwrite, &mut |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    })?;
+    let report = import_gguf(
+        &args.gguf,
+        &args.out,
+        dtype,
+        args.overwrite,
+        &mut |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    )?;
     pb.finish_and_clear();
-    let types: Vec<String> = report.source_types.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    let types: Vec<String> = report
+        .source_types
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect();
     println!(
         "imported {} -> {} ({} tensors [{}], {} parameters, {}) in {:.1}s",
         args.gguf.display(),

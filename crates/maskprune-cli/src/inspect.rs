@@ -16,7 +16,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let c = ModelConfig::from_file(&args.dir.join("config.json"))?;
     let store = WeightStore::open(&args.dir)?;
     println!("model       {}", args.dir.display());
-    println!("family      {} ({})", c.family.model_type(), c.family.architecture());
+    println!(
+        "family      {} ({})",
+        c.family.model_type(),
+        c.family.architecture()
+    );
     println!("layers      {}", c.num_hidden_layers);
     println!("hidden      {}", c.hidden_size);
     println!(
@@ -24,13 +28,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         c.num_attention_heads, c.num_key_value_heads, c.head_dim
     );
     println!("mlp         {}", c.intermediate_size);
-    println!("vocab       {} (tied embeddings: {})", c.vocab_size, c.tie_word_embeddings);
-    println!("parameters  {} total, {} in decoder-layer linear weights", c.total_params(), c.num_hidden_layers * c.layer_linear_params());
-    println!("tensors     {} in {}", store.names().len(), store.paths().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    println!(
+        "vocab       {} (tied embeddings: {})",
+        c.vocab_size, c.tie_word_embeddings
+    );
+    println!(
+        "parameters  {} total, {} in decoder-layer linear weights",
+        c.total_params(),
+        c.num_hidden_layers * c.layer_linear_params()
+    );
+    println!(
+        "tensors     {} in {}",
+        store.names().len(),
+        store
+            .paths()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     for name in ["maskprune.json", "maskprune_import.json"] {
         let path = args.dir.join(name);
         if path.is_file() {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+            let text =
+                std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
             println!("provenance  {name}:\n{text}");
         }
     }

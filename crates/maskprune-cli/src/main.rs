@@ -3,6 +3,7 @@
 
 mod backend;
 mod bench;
+mod datasets;
 mod eval_ppl;
 mod import;
 mod inspect;
@@ -42,6 +43,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Measure forward (prefill) throughput and write JSON.
     Bench(bench::Args),
+    /// List the built-in datasets and where their files were found.
+    Datasets(datasets::Args),
 }
 
 #[derive(Subcommand)]
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Ppl(a)) => eval_ppl::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Datasets(a) => datasets::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

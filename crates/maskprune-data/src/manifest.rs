@@ -70,22 +70,36 @@ pub struct DatasetManifest {
 }
 
 const BUILTIN: [(&str, &str); 4] = [
-    ("wikitext2.toml", include_str!("../../../datasets/wikitext2.toml")),
+    (
+        "wikitext2.toml",
+        include_str!("../../../datasets/wikitext2.toml"),
+    ),
     ("ptb.toml", include_str!("../../../datasets/ptb.toml")),
     ("c4.toml", include_str!("../../../datasets/c4.toml")),
-    ("lambada.toml", include_str!("../../../datasets/lambada.toml")),
+    (
+        "lambada.toml",
+        include_str!("../../../datasets/lambada.toml"),
+    ),
 ];
 
 impl DatasetManifest {
     /// Parses a manifest; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        let m: Self = toml::from_str(text)
-            .map_err(|e| DataError(format!("{origin}: invalid dataset manifest: {}", one_line(&e.to_string()))))?;
+        let m: Self = toml::from_str(text).map_err(|e| {
+            DataError(format!(
+                "{origin}: invalid dataset manifest: {}",
+                one_line(&e.to_string())
+            ))
+        })?;
         if matches!(m.format, Format::Jsonl | Format::JsonlGz) && m.fields.is_empty() {
-            return Err(DataError(format!("{origin}: a JSONL manifest needs `fields`")));
+            return Err(DataError(format!(
+                "{origin}: a JSONL manifest needs `fields`"
+            )));
         }
         if Path::new(&m.file).is_absolute() || m.file.contains("..") {
-            return Err(DataError(format!("{origin}: `file` must be relative to the data directory")));
+            return Err(DataError(format!(
+                "{origin}: `file` must be relative to the data directory"
+            )));
         }
         Ok(m)
     }
@@ -102,12 +116,18 @@ impl DatasetManifest {
 pub fn builtin_manifests() -> Vec<DatasetManifest> {
     BUILTIN
         .iter()
-        .map(|(name, text)| DatasetManifest::parse(text, name).expect("built-in manifests are valid"))
+        .map(|(name, text)| {
+            DatasetManifest::parse(text, name).expect("built-in manifests are valid")
+        })
         .collect()
 }
 
 fn one_line(s: &str) -> String {
-    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -118,18 +138,34 @@ mod tests {
     fn builtin_manifests_parse() {
         let names: Vec<String> = builtin_manifests().into_iter().map(|m| m.name).collect();
         assert_eq!(names, ["wikitext2", "ptb", "c4", "lambada"]);
-        let c4 = builtin_manifests().into_iter().find(|m| m.name == "c4").unwrap();
-        assert_eq!((c4.take, c4.max_windows, c4.join.as_str()), (Some(1100), Some(256), " "));
+        let c4 = builtin_manifests()
+            .into_iter()
+            .find(|m| m.name == "c4")
+            .unwrap();
+        assert_eq!(
+            (c4.take, c4.max_windows, c4.join.as_str()),
+            (Some(1100), Some(256), " ")
+        );
         assert_eq!(c4.role, Role::Calibration);
     }
 
     #[test]
     fn bad_manifests_are_one_line_errors() {
         let e = DatasetManifest::parse("name = 1", "x.toml").unwrap_err().0;
-        assert!(e.starts_with("x.toml: invalid dataset manifest") && !e.contains('\n'), "{e}");
-        let jsonl = "name='a'\nrole='eval'\ndescription=''\nsource=''\nfile='a.jsonl'\nformat='jsonl'";
-        assert!(DatasetManifest::parse(jsonl, "m").unwrap_err().0.contains("needs `fields`"));
+        assert!(
+            e.starts_with("x.toml: invalid dataset manifest") && !e.contains('\n'),
+            "{e}"
+        );
+        let jsonl =
+            "name='a'\nrole='eval'\ndescription=''\nsource=''\nfile='a.jsonl'\nformat='jsonl'";
+        assert!(DatasetManifest::parse(jsonl, "m")
+            .unwrap_err()
+            .0
+            .contains("needs `fields`"));
         let escape = "name='a'\nrole='eval'\ndescription=''\nsource=''\nfile='../../etc/passwd'\nformat='text'";
-        assert!(DatasetManifest::parse(escape, "m").unwrap_err().0.contains("relative"));
+        assert!(DatasetManifest::parse(escape, "m")
+            .unwrap_err()
+            .0
+            .contains("relative"));
     }
 }

@@ -77,7 +77,10 @@ pub fn load_dataset(spec: &str, data_dir: Option<&Path>) -> Result<LoadedText> {
         let bytes = read(&path)?;
         let text = utf8(&path, bytes.clone())?;
         return Ok(LoadedText {
-            name: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            name: path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             text,
             sha256: sha256_hex(&bytes),
             file: path,
@@ -114,14 +117,24 @@ pub fn load_dataset(spec: &str, data_dir: Option<&Path>) -> Result<LoadedText> {
     let rows = rows_of(&manifest, &file, bytes)?;
     let mut rows: Vec<String> = rows
         .into_iter()
-        .map(|r| if manifest.strip { r.trim().to_string() } else { r })
+        .map(|r| {
+            if manifest.strip {
+                r.trim().to_string()
+            } else {
+                r
+            }
+        })
         .filter(|r| !(manifest.skip_empty && r.is_empty()))
         .collect();
     if let Some(n) = manifest.take {
         rows.truncate(n);
     }
     if rows.is_empty() {
-        return Err(DataError(format!("{}: dataset `{}` has no rows", file.display(), manifest.name)));
+        return Err(DataError(format!(
+            "{}: dataset `{}` has no rows",
+            file.display(),
+            manifest.name
+        )));
     }
     Ok(LoadedText {
         name: manifest.name.clone(),
@@ -140,7 +153,8 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 }
 
 fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String> {
-    String::from_utf8(bytes).map_err(|e| DataError(format!("{}: not UTF-8 text ({e})", path.display())))
+    String::from_utf8(bytes)
+        .map_err(|e| DataError(format!("{}: not UTF-8 text ({e})", path.display())))
 }
 
 fn rows_of(m: &DatasetManifest, file: &Path, bytes: Vec<u8>) -> Result<Vec<String>> {
@@ -162,8 +176,9 @@ fn rows_of(m: &DatasetManifest, file: &Path, bytes: Vec<u8>) -> Result<Vec<Strin
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, line)| {
-                let v: Value = serde_json::from_str(line)
-                    .map_err(|e| DataError(format!("{}:{}: invalid JSON: {e}", file.display(), i + 1)))?;
+                let v: Value = serde_json::from_str(line).map_err(|e| {
+                    DataError(format!("{}:{}: invalid JSON: {e}", file.display(), i + 1))
+                })?;
                 let mut row = String::new();
                 for field in &m.fields {
                     let s = field
@@ -171,7 +186,11 @@ fn rows_of(m: &DatasetManifest, file: &Path, bytes: Vec<u8>) -> Result<Vec<Strin
                         .try_fold(&v, |v, k| v.get(k))
                         .and_then(Value::as_str)
                         .ok_or_else(|| {
-                            DataError(format!("{}:{}: no string field `{field}`", file.display(), i + 1))
+                            DataError(format!(
+                                "{}:{}: no string field `{field}`",
+                                file.display(),
+                                i + 1
+                            ))
                         })?;
                     row.push_str(s);
                 }
@@ -215,9 +234,15 @@ mod tests {
     fn missing_files_say_where_they_were_looked_for() {
         let dir = scratch("missing");
         let e = load_dataset("wikitext2", Some(&dir)).unwrap_err().0;
-        assert!(e.contains("file not found") && e.contains("wikitext2/wiki.test.joined.txt"), "{e}");
+        assert!(
+            e.contains("file not found") && e.contains("wikitext2/wiki.test.joined.txt"),
+            "{e}"
+        );
         let e = load_dataset("no-such-dataset", None).unwrap_err().0;
-        assert!(e.contains("unknown dataset") && e.contains("wikitext2"), "{e}");
+        assert!(
+            e.contains("unknown dataset") && e.contains("wikitext2"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -231,7 +256,9 @@ mod tests {
 
     #[test]
     fn shared_ptb_follows_the_protocol_when_present() {
-        let Ok(t) = load_dataset("ptb", None) else { return };
+        let Ok(t) = load_dataset("ptb", None) else {
+            return;
+        };
         assert!(t.text.starts_with("no it was n't black monday but while"));
         assert!(!t.text.contains("  "));
     }

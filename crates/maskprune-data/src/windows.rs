@@ -7,7 +7,9 @@ pub fn windows(tokens: &[u32], seq_len: usize, max_windows: Option<usize>) -> Ve
     }
     let n = tokens.len() / seq_len;
     let n = max_windows.map_or(n, |m| m.min(n));
-    (0..n).map(|i| &tokens[i * seq_len..(i + 1) * seq_len]).collect()
+    (0..n)
+        .map(|i| &tokens[i * seq_len..(i + 1) * seq_len])
+        .collect()
 }
 
 #[cfg(test)]
@@ -17,7 +19,10 @@ mod tests {
     #[test]
     fn drops_the_tail_and_respects_the_limit() {
         let t: Vec<u32> = (0..10).collect();
-        assert_eq!(windows(&t, 4, None), vec![&[0, 1, 2, 3][..], &[4, 5, 6, 7][..]]);
+        assert_eq!(
+            windows(&t, 4, None),
+            vec![&[0, 1, 2, 3][..], &[4, 5, 6, 7][..]]
+        );
         assert_eq!(windows(&t, 4, Some(1)).len(), 1);
         assert_eq!(windows(&t, 11, None).len(), 0);
         assert_eq!(windows(&t, 0, None).len(), 0);

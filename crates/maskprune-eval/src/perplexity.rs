@@ -32,7 +32,10 @@ pub struct PerplexityResult {
 /// Token ids `[batch, len]` as an Int tensor.
 pub fn token_tensor<B: Backend>(rows: &[&[u32]], device: &B::Device) -> Tensor<B, 2, Int> {
     let len = rows.first().map_or(0, |r| r.len());
-    let data: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&t| t as i64)).collect();
+    let data: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| r.iter().map(|&t| t as i64))
+        .collect();
     Tensor::from_data(TensorData::new(data, [rows.len(), len]), device)
 }
 
@@ -49,7 +52,11 @@ pub fn next_token_logprobs<B: Backend>(
     let targets: Vec<&[u32]> = rows.iter().map(|r| &r[1..]).collect();
     let targets = token_tensor::<B>(&targets, &device).reshape([b, t - 1, 1]);
     let picked = logp.gather(2, targets).reshape([b * (t - 1)]);
-    Ok(picked.into_data().convert::<f32>().to_vec().expect("f32 data"))
+    Ok(picked
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 data"))
 }
 
 /// Perplexity of `model` over `windows` (all the same length), `batch` windows per forward.
@@ -75,7 +82,11 @@ pub fn perplexity<B: Backend>(
         progress(done);
     }
     let seconds = start.elapsed().as_secs_f64();
-    let mean_nll = if count > 0 { nll / count as f64 } else { f64::NAN };
+    let mean_nll = if count > 0 {
+        nll / count as f64
+    } else {
+        f64::NAN
+    };
     Ok(PerplexityResult {
         windows: windows.len(),
         seq_len,

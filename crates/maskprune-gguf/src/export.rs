@@ -102,7 +102,10 @@ pub fn unpermute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
 fn meta_u64(file: &GgufFile, key: &str) -> Result<Option<u64>, String> {
     match file.get(key) {
         None => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| format!("metadata `{key}` must be an integer, found {v:?}")),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("metadata `{key}` must be an integer, found {v:?}")),
     }
 }
 
@@ -117,17 +120,23 @@ pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
         .and_then(MetaValue::as_str)
         .ok_or("metadata `general.architecture` is missing")?;
     if arch != "llama" {
-        return Err(format!("architecture \"{arch}\" is not supported (only \"llama\")"));
+        return Err(format!(
+            "architecture \"{arch}\" is not supported (only \"llama\")"
+        ));
     }
     if file.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
-        return Err("tensor `rope_freqs.weight` (llama3 rope scaling stored as a tensor) is not supported".into());
+        return Err(
+            "tensor `rope_freqs.weight` (llama3 rope scaling stored as a tensor) is not supported"
+                .into(),
+        );
     }
     let hidden = required(file, "llama.embedding_length")?;
     let heads = required(file, "llama.attention.head_count")?;
     let kv_heads = meta_u64(file, "llama.attention.head_count_kv")?.unwrap_or(heads);
     let head_dim = match meta_u64(file, "llama.attention.key_length")? {
         Some(k) => k,
-        None => meta_u64(file, "llama.rope.dimension_count")?.unwrap_or(if heads > 0 { hidden / heads } else { 0 }),
+        None => meta_u64(file, "llama.rope.dimension_count")?
+            .unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
     };
     let n_tokens = file
         .get("tokenizer.ggml.tokens")
@@ -135,7 +144,9 @@ pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
         .map(|a| a.len() as u64);
     let vocab = match meta_u64(file, "llama.vocab_size")? {
         Some(v) => v,
-        None => n_tokens.ok_or("neither `llama.vocab_size` nor `tokenizer.ggml.tokens` is present")?,
+        None => {
+            n_tokens.ok_or("neither `llama.vocab_size` nor `tokenizer.ggml.tokens` is present")?
+        }
     };
     let eps = file
         .get("llama.attention.layer_norm_rms_epsilon")
@@ -143,8 +154,14 @@ pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
         .ok_or("metadata `llama.attention.layer_norm_rms_epsilon` is missing")?;
     // GGUF stores the epsilon as f32; print it as the decimal it was written from.
     let eps: f64 = format!("{}", eps as f32).parse().unwrap_or(eps);
-    let theta = file.get("llama.rope.freq_base").and_then(MetaValue::as_f64).unwrap_or(10000.0);
-    let rope_scaling = match file.get("llama.rope.scaling.type").and_then(MetaValue::as_str) {
+    let theta = file
+        .get("llama.rope.freq_base")
+        .and_then(MetaValue::as_f64)
+        .unwrap_or(10000.0);
+    let rope_scaling = match file
+        .get("llama.rope.scaling.type")
+        .and_then(MetaValue::as_str)
+    {
         None | Some("none") => Value::Null,
         Some("linear") => {
             let factor = file
@@ -157,7 +174,11 @@ pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
     };
     let tied = !file.tensors.iter().any(|t| t.name == "output.weight");
     let id = |key: &str| meta_u64(file, key).map(|v| v.map(Value::from).unwrap_or(Value::Null));
-    let has_bias = |part: &str| file.tensors.iter().any(|t| t.name.ends_with(&format!("{part}.bias")));
+    let has_bias = |part: &str| {
+        file.tensors
+            .iter()
+            .any(|t| t.name.ends_with(&format!("{part}.bias")))
+    };
     Ok(json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -224,18 +245,36 @@ fn expected_shape(name: &str, c: &ModelConfig) -> Option<Vec<usize>> {
 fn encode(values: &[f32], dtype: OutDtype) -> Vec<u8> {
     match dtype {
         OutDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        OutDtype::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
-        OutDtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        OutDtype::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        OutDtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
     }
 }
 
 /// One tensor converted to its Hugging Face name, shape and values.
-fn convert_tensor(file: &GgufFile, info: &TensorInfo, config: &ModelConfig) -> Result<(String, Vec<usize>, Vec<f32>), String> {
-    let name = hf_tensor_name(&info.name)
-        .ok_or_else(|| format!("tensor `{}` has no Hugging Face LLaMA equivalent", info.name))?;
+fn convert_tensor(
+    file: &GgufFile,
+    info: &TensorInfo,
+    config: &ModelConfig,
+) -> Result<(String, Vec<usize>, Vec<f32>), String> {
+    let name = hf_tensor_name(&info.name).ok_or_else(|| {
+        format!(
+            "tensor `{}` has no Hugging Face LLaMA equivalent",
+            info.name
+        )
+    })?;
     let shape = info.torch_shape();
-    let expected = expected_shape(&name, config)
-        .ok_or_else(|| format!("tensor `{}` ({name}) does not belong to this architecture", info.name))?;
+    let expected = expected_shape(&name, config).ok_or_else(|| {
+        format!(
+            "tensor `{}` ({name}) does not belong to this architecture",
+            info.name
+        )
+    })?;
     if shape != expected {
         return Err(format!(
             "tensor `{}` has shape {shape:?}, but the metadata implies {expected:?}",
@@ -244,13 +283,24 @@ fn convert_tensor(file: &GgufFile, info: &TensorInfo, config: &ModelConfig) -> R
     }
     let mut values = dequantize(info.ggml_type, file.tensor_bytes(info));
     if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
-        return Err(format!("tensor `{}` holds a non-finite value at element {bad}", info.name));
+        return Err(format!(
+            "tensor `{}` holds a non-finite value at element {bad}",
+            info.name
+        ));
     }
     let cols = *shape.last().unwrap_or(&1);
     if info.name.contains(".attn_q.") {
-        values = unpermute_rows(&values, config.num_attention_heads, if shape.len() == 1 { 1 } else { cols });
+        values = unpermute_rows(
+            &values,
+            config.num_attention_heads,
+            if shape.len() == 1 { 1 } else { cols },
+        );
     } else if info.name.contains(".attn_k.") {
-        values = unpermute_rows(&values, config.num_key_value_heads, if shape.len() == 1 { 1 } else { cols });
+        values = unpermute_rows(
+            &values,
+            config.num_key_value_heads,
+            if shape.len() == 1 { 1 } else { cols },
+        );
     }
     Ok((name, shape, values))
 }
@@ -266,7 +316,10 @@ pub fn import_gguf(
 ) -> Result<ImportReport, ModelError> {
     let err = |m: String| ModelError::new(src, m);
     if out.exists() && !overwrite {
-        return Err(ModelError::new(out, "output directory already exists (pass --overwrite to replace it)"));
+        return Err(ModelError::new(
+            out,
+            "output directory already exists (pass --overwrite to replace it)",
+        ));
     }
     let file = GgufFile::open(src).map_err(err)?;
     let config_json = hf_config(&file, dtype).map_err(err)?;
@@ -280,7 +333,9 @@ pub fn import_gguf(
         if names.insert(t.name.clone(), t).is_some() {
             return Err(err(format!("tensor `{}` appears twice", t.name)));
         }
-        *source_types.entry(format!("{:?}", t.ggml_type)).or_insert(0) += 1;
+        *source_types
+            .entry(format!("{:?}", t.ggml_type))
+            .or_insert(0) += 1;
     }
     let mut converted = Vec::with_capacity(file.tensors.len());
     let total = file.tensors.len();
@@ -290,25 +345,41 @@ pub fn import_gguf(
         progress(i + 1, total);
     }
     // Every tensor transformers will ask for must be there.
-    let have: std::collections::HashSet<&str> = converted.iter().map(|(n, _, _)| n.as_str()).collect();
-    let mut required_names = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+    let have: std::collections::HashSet<&str> =
+        converted.iter().map(|(n, _, _)| n.as_str()).collect();
+    let mut required_names = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+    ];
     for l in 0..config.num_hidden_layers {
         for part in [
-            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-            "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
         ] {
             required_names.push(format!("model.layers.{l}.{part}.weight"));
         }
     }
     if let Some(missing) = required_names.iter().find(|n| !have.contains(n.as_str())) {
-        return Err(err(format!("tensor for `{missing}` is missing from the file")));
+        return Err(err(format!(
+            "tensor for `{missing}` is missing from the file"
+        )));
     }
     let st_dtype = match dtype {
         OutDtype::F32 => Dtype::F32,
         OutDtype::BF16 => Dtype::BF16,
         OutDtype::F16 => Dtype::F16,
     };
-    let params: usize = converted.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
+    let params: usize = converted
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<usize>())
+        .sum();
     let generation = json!({
         "_from_model_config": true,
         "bos_token_id": config_json["bos_token_id"],
@@ -338,8 +409,14 @@ pub fn import_gguf(
         let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON values serialise");
         write_file_atomically(&dir.join("config.json"), &pretty(&config_json))?;
         write_file_atomically(&dir.join("generation_config.json"), &pretty(&generation))?;
-        write_file_atomically(&dir.join("tokenizer.json"), &serde_json::to_vec(&tokenizer.tokenizer).expect("JSON"))?;
-        write_file_atomically(&dir.join("tokenizer_config.json"), &pretty(&tokenizer.tokenizer_config))?;
+        write_file_atomically(
+            &dir.join("tokenizer.json"),
+            &serde_json::to_vec(&tokenizer.tokenizer).expect("JSON"),
+        )?;
+        write_file_atomically(
+            &dir.join("tokenizer_config.json"),
+            &pretty(&tokenizer.tokenizer_config),
+        )?;
         write_file_atomically(&dir.join("maskprune_import.json"), &pretty(&provenance))?;
         Ok(())
     })?;
@@ -357,9 +434,18 @@ mod tests {
 
     #[test]
     fn names_map_to_transformers() {
-        assert_eq!(hf_tensor_name("blk.3.attn_output.weight").unwrap(), "model.layers.3.self_attn.o_proj.weight");
-        assert_eq!(hf_tensor_name("blk.0.ffn_norm.weight").unwrap(), "model.layers.0.post_attention_layernorm.weight");
-        assert_eq!(hf_tensor_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(
+            hf_tensor_name("blk.3.attn_output.weight").unwrap(),
+            "model.layers.3.self_attn.o_proj.weight"
+        );
+        assert_eq!(
+            hf_tensor_name("blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_tensor_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
         assert!(hf_tensor_name("blk.x.attn_q.weight").is_none());
         assert!(hf_tensor_name("rope_freqs.weight").is_none());
     }

@@ -168,13 +168,17 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
-            format!(
-                "truncated: {what} needs {n} bytes at offset {} but the file has {}",
-                self.pos,
-                self.bytes.len()
-            )
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| {
+                format!(
+                    "truncated: {what} needs {n} bytes at offset {} but the file has {}",
+                    self.pos,
+                    self.bytes.len()
+                )
+            })?;
         let s = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -211,7 +215,9 @@ impl<'a> Cursor<'a> {
             3 => MetaValue::Int(i16::from_le_bytes(self.take(2, key)?.try_into().unwrap()) as i64),
             4 => MetaValue::Uint(self.u32(key)? as u64),
             5 => MetaValue::Int(self.u32(key)? as i32 as i64),
-            6 => MetaValue::Float(f32::from_le_bytes(self.take(4, key)?.try_into().unwrap()) as f64),
+            6 => {
+                MetaValue::Float(f32::from_le_bytes(self.take(4, key)?.try_into().unwrap()) as f64)
+            }
             7 => match self.u8(key)? {
                 0 => MetaValue::Bool(false),
                 1 => MetaValue::Bool(true),
@@ -255,12 +261,16 @@ fn parse_bytes(bytes: &[u8]) -> Result<Parsed, String> {
     }
     let version = c.u32("version")?;
     if !(2..=3).contains(&version) {
-        return Err(format!("unsupported GGUF version {version} (supported: 2, 3)"));
+        return Err(format!(
+            "unsupported GGUF version {version} (supported: 2, 3)"
+        ));
     }
     let n_tensors = c.u64("tensor count")?;
     let n_kv = c.u64("metadata count")?;
     // A key/value takes at least 12 bytes and a tensor descriptor at least 24.
-    if n_kv.saturating_mul(12) > c.remaining() as u64 || n_tensors.saturating_mul(24) > c.remaining() as u64 {
+    if n_kv.saturating_mul(12) > c.remaining() as u64
+        || n_tensors.saturating_mul(24) > c.remaining() as u64
+    {
         return Err(format!(
             "header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold"
         ));
@@ -277,7 +287,9 @@ fn parse_bytes(bytes: &[u8]) -> Result<Parsed, String> {
         let name = c.string("tensor name")?;
         let n_dims = c.u32(&name)?;
         if n_dims == 0 || n_dims > 4 {
-            return Err(format!("tensor `{name}`: {n_dims} dimensions (must be 1 to 4)"));
+            return Err(format!(
+                "tensor `{name}`: {n_dims} dimensions (must be 1 to 4)"
+            ));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         let mut numel: u128 = 1;
@@ -290,8 +302,9 @@ fn parse_bytes(bytes: &[u8]) -> Result<Parsed, String> {
             return Err(format!("tensor `{name}`: absurd dimensions {dims:?}"));
         }
         let type_id = c.u32(&name)?;
-        let ggml_type = GgmlType::from_id(type_id)
-            .ok_or_else(|| format!("tensor `{name}`: unknown or unsupported ggml type {type_id}"))?;
+        let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
+            format!("tensor `{name}`: unknown or unsupported ggml type {type_id}")
+        })?;
         let offset = c.u64(&name)?;
         raw.push((name, dims, ggml_type, offset));
     }
@@ -307,7 +320,7 @@ fn parse_bytes(bytes: &[u8]) -> Result<Parsed, String> {
     for (name, dims, ggml_type, offset) in raw {
         let dims: Vec<usize> = dims.into_iter().map(|d| d as usize).collect();
         let numel: usize = dims.iter().product();
-        if dims[0] % ggml_type.block_size() != 0 {
+        if !dims[0].is_multiple_of(ggml_type.block_size()) {
             return Err(format!(
                 "tensor `{name}`: row length {} is not a multiple of the {:?} block size {}",
                 dims[0],
@@ -317,8 +330,10 @@ fn parse_bytes(bytes: &[u8]) -> Result<Parsed, String> {
         }
         let len = numel / ggml_type.block_size() * ggml_type.block_bytes();
         let start = (data_start as u128) + offset as u128;
-        if offset as usize % alignment != 0 && (offset as u128) < u64::MAX as u128 {
-            return Err(format!("tensor `{name}`: offset {offset} is not aligned to {alignment}"));
+        if !offset.is_multiple_of(alignment as u64) {
+            return Err(format!(
+                "tensor `{name}`: offset {offset} is not aligned to {alignment}"
+            ));
         }
         if start + len as u128 > bytes.len() as u128 {
             return Err(format!(

@@ -19,9 +19,7 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 
 /// The pre-tokenizer llama.cpp applies for a `tokenizer.ggml.pre` value.
 fn pre_tokenizer(pre: &str) -> Result<Value, String> {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |pattern: &str| {
         json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
@@ -50,7 +48,10 @@ fn strings<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, String> {
         .and_then(MetaValue::as_array)
         .ok_or_else(|| format!("metadata `{key}` is missing or not an array"))?
         .iter()
-        .map(|v| v.as_str().ok_or_else(|| format!("metadata `{key}` must hold strings")))
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| format!("metadata `{key}` must hold strings"))
+        })
         .collect()
 }
 
@@ -59,7 +60,9 @@ fn token_id(file: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<usize>
         None => Ok(None),
         Some(v) => match v.as_u64() {
             Some(id) if (id as usize) < n_tokens => Ok(Some(id as usize)),
-            _ => Err(format!("metadata `{key}` {v:?} is not a token id below {n_tokens}")),
+            _ => Err(format!(
+                "metadata `{key}` {v:?} is not a token id below {n_tokens}"
+            )),
         },
     }
 }
@@ -77,7 +80,10 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<TokenizerFiles, String> {
     }
     let tokens = strings(file, "tokenizer.ggml.tokens")?;
     let merges = strings(file, "tokenizer.ggml.merges")?;
-    let types: Vec<i64> = match file.get("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
+    let types: Vec<i64> = match file
+        .get("tokenizer.ggml.token_type")
+        .and_then(MetaValue::as_array)
+    {
         Some(items) => items
             .iter()
             .map(|v| match v {
@@ -95,14 +101,23 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<TokenizerFiles, String> {
             tokens.len()
         ));
     }
-    let pre = file.get("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("default");
+    let pre = file
+        .get("tokenizer.ggml.pre")
+        .and_then(MetaValue::as_str)
+        .unwrap_or("default");
     let n = tokens.len();
     let bos = token_id(file, "tokenizer.ggml.bos_token_id", n)?;
     let eos = token_id(file, "tokenizer.ggml.eos_token_id", n)?;
     let unk = token_id(file, "tokenizer.ggml.unknown_token_id", n)?;
     let pad = token_id(file, "tokenizer.ggml.padding_token_id", n)?;
-    let add_bos = file.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(false);
-    let add_eos = file.get("tokenizer.ggml.add_eos_token").and_then(MetaValue::as_bool).unwrap_or(false);
+    let add_bos = file
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(MetaValue::as_bool)
+        .unwrap_or(false);
+    let add_eos = file
+        .get("tokenizer.ggml.add_eos_token")
+        .and_then(MetaValue::as_bool)
+        .unwrap_or(false);
 
     let mut vocab = Map::new();
     for (id, tok) in tokens.iter().enumerate() {
@@ -114,7 +129,9 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<TokenizerFiles, String> {
             let mut parts = m.split(' ');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(a), Some(b), None) => Ok(json!([a, b])),
-                _ => Err(format!("merge \"{m}\" is not two tokens separated by a space")),
+                _ => Err(format!(
+                    "merge \"{m}\" is not two tokens separated by a space"
+                )),
             }
         })
         .collect::<Result<_, _>>()?;
@@ -140,7 +157,9 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<TokenizerFiles, String> {
                 "special_tokens": {bos_tok: {"id": bos_tok, "ids": [b], "tokens": [bos_tok]}}
             })
         }
-        _ => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+        _ => {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+        }
     };
     let tokenizer = json!({
         "version": "1.0",
@@ -172,7 +191,10 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<TokenizerFiles, String> {
     if let Some(ctx) = file.get("llama.context_length").and_then(MetaValue::as_u64) {
         config["model_max_length"] = json!(ctx);
     }
-    if let Some(t) = file.get("tokenizer.chat_template").and_then(MetaValue::as_str) {
+    if let Some(t) = file
+        .get("tokenizer.chat_template")
+        .and_then(MetaValue::as_str)
+    {
         config["chat_template"] = json!(t);
     }
     Ok(TokenizerFiles {

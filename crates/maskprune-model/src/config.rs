@@ -83,7 +83,8 @@ impl ModelConfig {
 
     /// Parses and validates a `config.json` document; the error is a one-line cause.
     pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
-        let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
         let Value::Object(fields) = value else {
             return Err("config.json must be a JSON object".into());
         };
@@ -100,7 +101,9 @@ impl ModelConfig {
             format!("unsupported `model_type` \"{model_type}\" (supported: llama, mistral, qwen2)")
         })?;
         let dim = |key: &str| -> std::result::Result<usize, String> {
-            let v = fields.get(key).ok_or_else(|| format!("missing field `{key}`"))?;
+            let v = fields
+                .get(key)
+                .ok_or_else(|| format!("missing field `{key}`"))?;
             match v.as_u64() {
                 Some(0) => Err(format!("`{key}` must be positive, found 0")),
                 Some(n) if n > MAX_DIM => Err(format!("`{key}` = {n} is absurdly large")),
@@ -134,7 +137,9 @@ impl ModelConfig {
             Some(_) => dim("head_dim")?,
         };
         if head_dim % 2 != 0 {
-            return Err(format!("`head_dim` ({head_dim}) must be even for rotary embeddings"));
+            return Err(format!(
+                "`head_dim` ({head_dim}) must be even for rotary embeddings"
+            ));
         }
         match fields.get("hidden_act") {
             None | Some(Value::Null) => {}
@@ -150,7 +155,11 @@ impl ModelConfig {
         let tie_word_embeddings = match fields.get("tie_word_embeddings") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
-            Some(other) => return Err(format!("`tie_word_embeddings` must be true or false, found {other}")),
+            Some(other) => {
+                return Err(format!(
+                    "`tie_word_embeddings` must be true or false, found {other}"
+                ))
+            }
         };
         let biases = family.biases(&fields)?;
         let sliding_window = family.sliding_window(&fields)?;
@@ -158,7 +167,9 @@ impl ModelConfig {
         let eos_token_ids = token_ids(&fields, "eos_token_id")?;
         for id in bos_token_id.iter().chain(&eos_token_ids) {
             if *id as usize >= vocab_size {
-                return Err(format!("special token id {id} is outside `vocab_size` ({vocab_size})"));
+                return Err(format!(
+                    "special token id {id} is outside `vocab_size` ({vocab_size})"
+                ));
             }
         }
         Ok(Self {
@@ -211,12 +222,19 @@ impl ModelConfig {
         if self.biases.mlp {
             layer += 2 * self.intermediate_size + h;
         }
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
     }
 }
 
-fn positive_float(fields: &Map<String, Value>, key: &str) -> std::result::Result<Option<f64>, String> {
+fn positive_float(
+    fields: &Map<String, Value>,
+    key: &str,
+) -> std::result::Result<Option<f64>, String> {
     match fields.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_f64() {
@@ -251,7 +269,11 @@ fn parse_rope(
         (Some(Value::Object(p)), _) => ("rope_parameters", Some(p)),
         (_, Some(Value::Object(p))) => ("rope_scaling", Some(p)),
         (_, None | Some(Value::Null)) => ("rope_scaling", None),
-        (_, Some(other)) => return Err(format!("`rope_scaling` must be an object or null, found {other}")),
+        (_, Some(other)) => {
+            return Err(format!(
+                "`rope_scaling` must be an object or null, found {other}"
+            ))
+        }
     };
     let empty = Map::new();
     let params = params.unwrap_or(&empty);
@@ -259,9 +281,14 @@ fn parse_rope(
         Some(t) => t,
         None => positive_float(fields, "rope_theta")?.unwrap_or(family.default_rope_theta()),
     };
-    if let Some(v) = params.get("partial_rotary_factor").or(fields.get("partial_rotary_factor")) {
+    if let Some(v) = params
+        .get("partial_rotary_factor")
+        .or(fields.get("partial_rotary_factor"))
+    {
         if v.as_f64() != Some(1.0) {
-            return Err(format!("`partial_rotary_factor` {v} is not supported (only 1.0)"));
+            return Err(format!(
+                "`partial_rotary_factor` {v} is not supported (only 1.0)"
+            ));
         }
     }
     let rope_type = params
@@ -276,7 +303,9 @@ fn parse_rope(
     };
     let scaling = match rope_type {
         "default" => None,
-        "linear" => Some(RopeScaling::Linear { factor: number("factor")? }),
+        "linear" => Some(RopeScaling::Linear {
+            factor: number("factor")?,
+        }),
         "llama3" => {
             let original = match params.get("original_max_position_embeddings") {
                 None | Some(Value::Null) => fields
@@ -287,7 +316,9 @@ fn parse_rope(
             };
             let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
             if high <= low {
-                return Err(format!("`{key}`: `high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})"));
+                return Err(format!(
+                    "`{key}`: `high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})"
+                ));
             }
             Some(RopeScaling::Llama3 {
                 factor: number("factor")?,
@@ -366,14 +397,28 @@ mod tests {
     #[test]
     fn family_adapters_set_biases_and_windows() {
         let q = parse(with("model_type", "qwen2".into())).unwrap();
-        assert_eq!(q.biases, Biases { qkv: true, o: false, mlp: false });
+        assert_eq!(
+            q.biases,
+            Biases {
+                qkv: true,
+                o: false,
+                mlp: false
+            }
+        );
         let mut m = with("model_type", "mistral".into());
         m["sliding_window"] = 4096.into();
         assert_eq!(parse(m).unwrap().sliding_window, Some(4096));
         let mut l = with("attention_bias", true.into());
         l["mlp_bias"] = true.into();
         let l = parse(l).unwrap();
-        assert_eq!(l.biases, Biases { qkv: true, o: true, mlp: true });
+        assert_eq!(
+            l.biases,
+            Biases {
+                qkv: true,
+                o: true,
+                mlp: true
+            }
+        );
     }
 
     #[test]
@@ -385,12 +430,17 @@ mod tests {
         });
         let c = parse(v).unwrap();
         assert_eq!(c.rope_theta, 500000.0);
-        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+        assert!(
+            matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0)
+        );
     }
 
     #[test]
     fn reads_legacy_rope_scaling() {
-        let v = with("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0}));
+        let v = with(
+            "rope_scaling",
+            serde_json::json!({"type": "linear", "factor": 2.0}),
+        );
         let c = parse(v).unwrap();
         assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
         assert_eq!(c.rope_theta, 10000.0);
@@ -400,20 +450,56 @@ mod tests {
     fn errors_name_the_field() {
         let cases: Vec<(Value, &str)> = vec![
             (without("hidden_size"), "missing field `hidden_size`"),
-            (with("model_type", "gpt2".into()), "unsupported `model_type` \"gpt2\""),
+            (
+                with("model_type", "gpt2".into()),
+                "unsupported `model_type` \"gpt2\"",
+            ),
             (without("model_type"), "missing field `model_type`"),
-            (with("num_key_value_heads", 3.into()), "not a multiple of `num_key_value_heads`"),
-            (with("hidden_size", "big".into()), "`hidden_size` must be a positive integer"),
-            (with("hidden_size", 0.into()), "`hidden_size` must be positive"),
-            (with("intermediate_size", (1u64 << 40).into()), "absurdly large"),
-            (with("hidden_act", "gelu".into()), "unsupported `hidden_act`"),
-            (with("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0})), "unsupported `rope_scaling` type \"yarn\""),
-            (with("rope_scaling", serde_json::json!({"rope_type": "linear"})), "missing `factor`"),
-            (with("rms_norm_eps", (-1.0).into()), "`rms_norm_eps` must be a positive number"),
+            (
+                with("num_key_value_heads", 3.into()),
+                "not a multiple of `num_key_value_heads`",
+            ),
+            (
+                with("hidden_size", "big".into()),
+                "`hidden_size` must be a positive integer",
+            ),
+            (
+                with("hidden_size", 0.into()),
+                "`hidden_size` must be positive",
+            ),
+            (
+                with("intermediate_size", (1u64 << 40).into()),
+                "absurdly large",
+            ),
+            (
+                with("hidden_act", "gelu".into()),
+                "unsupported `hidden_act`",
+            ),
+            (
+                with(
+                    "rope_scaling",
+                    serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+                ),
+                "unsupported `rope_scaling` type \"yarn\"",
+            ),
+            (
+                with("rope_scaling", serde_json::json!({"rope_type": "linear"})),
+                "missing `factor`",
+            ),
+            (
+                with("rms_norm_eps", (-1.0).into()),
+                "`rms_norm_eps` must be a positive number",
+            ),
             (with("eos_token_id", 999.into()), "outside `vocab_size`"),
             (with("head_dim", 15.into()), "must be even"),
-            (with("tie_word_embeddings", "yes".into()), "`tie_word_embeddings` must be true or false"),
-            (with("partial_rotary_factor", 0.5.into()), "`partial_rotary_factor`"),
+            (
+                with("tie_word_embeddings", "yes".into()),
+                "`tie_word_embeddings` must be true or false",
+            ),
+            (
+                with("partial_rotary_factor", 0.5.into()),
+                "`partial_rotary_factor`",
+            ),
         ];
         for (value, expected) in cases {
             let err = parse(value).unwrap_err();
@@ -423,7 +509,11 @@ mod tests {
         let mut qwen = with("model_type", "qwen2".into());
         qwen["use_sliding_window"] = true.into();
         assert!(parse(qwen).unwrap_err().contains("use_sliding_window"));
-        assert!(ModelConfig::from_json_str("{\"model_type\": ").unwrap_err().contains("not valid JSON"));
-        assert!(ModelConfig::from_json_str("[1]").unwrap_err().contains("JSON object"));
+        assert!(ModelConfig::from_json_str("{\"model_type\": ")
+            .unwrap_err()
+            .contains("not valid JSON"));
+        assert!(ModelConfig::from_json_str("[1]")
+            .unwrap_err()
+            .contains("JSON object"));
     }
 }

@@ -84,14 +84,13 @@ impl Family {
 
     /// The sliding attention window the family's config asks for, if any.
     pub fn sliding_window(self, fields: &Map<String, Value>) -> Result<Option<usize>, String> {
-        let window = match fields.get("sliding_window") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .ok_or_else(|| format!("`sliding_window` must be a positive integer, found {v}"))?
-                    as usize,
-            ),
-        };
+        let window =
+            match fields.get("sliding_window") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_u64().ok_or_else(|| {
+                    format!("`sliding_window` must be a positive integer, found {v}")
+                })? as usize),
+            };
         match self {
             Family::Llama => Ok(None),
             Family::Mistral => Ok(window),

@@ -102,15 +102,29 @@ impl<B: Backend> Attention<B> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rep = h / kvh;
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, d]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, t, kvh, d]).swap_dims(1, 2);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, t, h, d])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, t, kvh, d])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, kvh, d])
+            .swap_dims(1, 2);
         let q = rotary.apply(q);
         let k = rotary.apply(k);
         // The query heads of one KV group are stacked along the sequence axis, so each
         // group is a single matmul against its shared keys: no copy of K or V.
         let q = q.reshape([b, kvh, rep * t, d]);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar((d as f64).powf(-0.5));
         let scores = scores.reshape([b, h, t, t]) + causal.clone();
         let probs = softmax(scores, 3).reshape([b, kvh, rep * t, t]);
         let out = probs.matmul(v).reshape([b, h, t, d]);
@@ -118,7 +132,8 @@ impl<B: Backend> Attention<B> {
             Some(m) => out * m.clone().reshape([1, h, 1, 1]),
             None => out,
         };
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }
 
@@ -173,7 +188,10 @@ impl<B: Backend> DecoderLayer<B> {
             + self
                 .self_attn
                 .forward(self.input_layernorm.forward(x), rotary, causal, heads);
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x), channels)
+        x.clone()
+            + self
+                .mlp
+                .forward(self.post_attention_layernorm.forward(x), channels)
     }
 }
 
@@ -202,7 +220,11 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Builds the model from a parsed config and an opened weight store.
-    pub fn from_store(config: ModelConfig, store: &WeightStore, device: &B::Device) -> Result<Self> {
+    pub fn from_store(
+        config: ModelConfig,
+        store: &WeightStore,
+        device: &B::Device,
+    ) -> Result<Self> {
         let c = &config;
         let (h, q_out, kv_out, f) = (
             c.hidden_size,
@@ -220,7 +242,11 @@ impl<B: Backend> Llama<B> {
             let w = transpose(&w, d_out, d_in);
             Ok(Linear {
                 weight: Tensor::from_data(TensorData::new(w, [d_in, d_out]), device),
-                bias: if bias { Some(vector(&format!("{prefix}.bias"), d_out)?) } else { None },
+                bias: if bias {
+                    Some(vector(&format!("{prefix}.bias"), d_out)?)
+                } else {
+                    None
+                },
             })
         };
         let norm = |name: &str| -> Result<RmsNorm<B>> {
@@ -280,13 +306,21 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Logits `[batch, len, vocab]` with optional per-layer masks (one entry per layer).
-    pub fn forward_masked(&self, tokens: Tensor<B, 2, Int>, masks: Option<&[LayerMask<B>]>) -> Result<Tensor<B, 3>> {
+    pub fn forward_masked(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&[LayerMask<B>]>,
+    ) -> Result<Tensor<B, 3>> {
         let hidden = self.hidden_states(tokens, masks)?;
         Ok(self.logits(hidden))
     }
 
     /// Final-norm hidden states `[batch, len, hidden]`, before the LM head.
-    pub fn hidden_states(&self, tokens: Tensor<B, 2, Int>, masks: Option<&[LayerMask<B>]>) -> Result<Tensor<B, 3>> {
+    pub fn hidden_states(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&[LayerMask<B>]>,
+    ) -> Result<Tensor<B, 3>> {
         let [b, t] = tokens.dims();
         let c = &self.config;
         if let Some(window) = c.sliding_window {
@@ -301,7 +335,11 @@ impl<B: Backend> Llama<B> {
             if m.len() != self.layers.len() {
                 return Err(ModelError::new(
                     "masks",
-                    format!("{} layer masks given for a model of {} layers", m.len(), self.layers.len()),
+                    format!(
+                        "{} layer masks given for a model of {} layers",
+                        m.len(),
+                        self.layers.len()
+                    ),
                 ));
             }
         }
@@ -309,7 +347,11 @@ impl<B: Backend> Llama<B> {
         let rotary = Rotary::new(&self.inv_freq, 0, t, &device);
         let causal = causal_mask::<B>(t, &device);
         let ids = tokens.reshape([b * t]);
-        let mut x = self.embed_tokens.clone().select(0, ids).reshape([b, t, c.hidden_size]);
+        let mut x = self
+            .embed_tokens
+            .clone()
+            .select(0, ids)
+            .reshape([b, t, c.hidden_size]);
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(x, &rotary, &causal, masks.map(|m| &m[i]));
         }
@@ -351,4 +393,133 @@ pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    type B = NdArray;
+
+    fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
+    }
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().to_vec().unwrap()
+    }
+
+    #[test]
+    fn rms_norm_divides_by_the_root_mean_square() {
+        let norm = RmsNorm {
+            weight: tensor(vec![1.0, 2.0], [2]),
+            eps: 0.0,
+        };
+        let y = values(norm.forward(tensor(vec![3.0, 4.0, -1.0, 1.0], [1, 2, 2])));
+        let rms = (12.5f32).sqrt();
+        let expected = [3.0 / rms, 8.0 / rms, -1.0, 2.0];
+        for (a, b) in y.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-6, "{y:?}");
+        }
+    }
+
+    fn linear(d_in: usize, d_out: usize, seed: u64) -> Linear<B> {
+        Linear {
+            weight: tensor(pseudo_random(d_in * d_out, seed), [d_in, d_out]),
+            bias: None,
+        }
+    }
+
+    #[test]
+    fn grouped_query_attention_equals_attention_with_repeated_kv_heads() {
+        let (hidden, heads, kv_heads, d, t) = (16, 4, 2, 4, 5);
+        let gqa = Attention {
+            q_proj: linear(hidden, heads * d, 1),
+            k_proj: linear(hidden, kv_heads * d, 2),
+            v_proj: linear(hidden, kv_heads * d, 3),
+            o_proj: linear(heads * d, hidden, 4),
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: d,
+        };
+        // Multi-head attention whose k/v columns repeat each KV head for its query heads,
+        // as transformers' repeat_kv does: query head h reads KV head h / (heads / kv_heads).
+        let repeat = |w: &Tensor<B, 2>| {
+            let cols: Vec<Tensor<B, 2>> = (0..heads)
+                .map(|h| w.clone().narrow(1, (h / 2) * d, d))
+                .collect();
+            Linear {
+                weight: Tensor::cat(cols, 1),
+                bias: None,
+            }
+        };
+        let mha = Attention {
+            k_proj: repeat(&gqa.k_proj.weight),
+            v_proj: repeat(&gqa.v_proj.weight),
+            num_kv_heads: heads,
+            ..gqa.clone()
+        };
+        let device = Default::default();
+        let rotary = Rotary::new(&[1.0, 0.1], 0, t, &device);
+        let causal = causal_mask::<B>(t, &device);
+        let x = tensor(pseudo_random(2 * t * hidden, 5), [2, t, hidden]);
+        let a = values(gqa.forward(x.clone(), &rotary, &causal, None));
+        let b = values(mha.forward(x, &rotary, &causal, None));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff < 1e-6,
+            "GQA differs from repeated-KV attention by {diff}"
+        );
+    }
+
+    #[test]
+    fn attention_is_causal() {
+        let (hidden, d, t) = (8, 4, 6);
+        let attn = Attention {
+            q_proj: linear(hidden, 2 * d, 1),
+            k_proj: linear(hidden, d, 2),
+            v_proj: linear(hidden, d, 3),
+            o_proj: linear(2 * d, hidden, 4),
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: d,
+        };
+        let device = Default::default();
+        let rotary = Rotary::new(&[1.0, 0.1], 0, t, &device);
+        let causal = causal_mask::<B>(t, &device);
+        let x = pseudo_random(t * hidden, 9);
+        let mut changed = x.clone();
+        for v in &mut changed[(t - 1) * hidden..] {
+            *v += 1.0; // only the last position changes
+        }
+        let a = values(attn.forward(tensor(x, [1, t, hidden]), &rotary, &causal, None));
+        let b = values(attn.forward(tensor(changed, [1, t, hidden]), &rotary, &causal, None));
+        assert_eq!(&a[..(t - 1) * hidden], &b[..(t - 1) * hidden]);
+        assert_ne!(&a[(t - 1) * hidden..], &b[(t - 1) * hidden..]);
+    }
+
+    #[test]
+    fn transpose_is_row_major() {
+        assert_eq!(
+            transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3),
+            vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+        );
+    }
 }

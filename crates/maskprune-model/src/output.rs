@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use crate::error::{ModelError, Result};
 
 fn sibling_temp(dest: &Path) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -39,7 +42,10 @@ pub fn write_dir_atomically(
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     if dest.exists() && !overwrite {
-        return Err(ModelError::new(dest, "output directory already exists (pass --overwrite to replace it)"));
+        return Err(ModelError::new(
+            dest,
+            "output directory already exists (pass --overwrite to replace it)",
+        ));
     }
     if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
@@ -47,7 +53,8 @@ pub fn write_dir_atomically(
     }
     let tmp = sibling_temp(dest);
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| ModelError::new(&tmp, format!("cannot create directory: {e}")))?;
+    std::fs::create_dir(&tmp)
+        .map_err(|e| ModelError::new(&tmp, format!("cannot create directory: {e}")))?;
     if let Err(e) = fill(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -55,14 +62,19 @@ pub fn write_dir_atomically(
     if dest.exists() {
         let old = dest.with_file_name(format!(
             ".{}.old-{}",
-            dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            dest.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             std::process::id()
         ));
-        std::fs::rename(dest, &old).map_err(|e| ModelError::new(dest, format!("cannot replace: {e}")))?;
-        std::fs::rename(&tmp, dest).map_err(|e| ModelError::new(dest, format!("cannot rename into place: {e}")))?;
+        std::fs::rename(dest, &old)
+            .map_err(|e| ModelError::new(dest, format!("cannot replace: {e}")))?;
+        std::fs::rename(&tmp, dest)
+            .map_err(|e| ModelError::new(dest, format!("cannot rename into place: {e}")))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&tmp, dest).map_err(|e| ModelError::new(dest, format!("cannot rename into place: {e}")))?;
+        std::fs::rename(&tmp, dest)
+            .map_err(|e| ModelError::new(dest, format!("cannot rename into place: {e}")))?;
     }
     Ok(())
 }
@@ -72,7 +84,8 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("maskprune-output-{name}-{}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("maskprune-output-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
@@ -88,7 +101,11 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.message.contains("boom"));
-        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "temp dir left behind");
+        assert_eq!(
+            std::fs::read_dir(&root).unwrap().count(),
+            0,
+            "temp dir left behind"
+        );
         write_dir_atomically(&dest, false, |tmp| {
             std::fs::write(tmp.join("a"), b"1").map_err(|e| ModelError::new(tmp, e.to_string()))
         })

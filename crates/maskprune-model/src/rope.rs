@@ -119,7 +119,10 @@ mod tests {
         assert_eq!(inv[0], 1.0);
         assert!((inv[1] - 10000f32.powf(-2.0 / 16.0)).abs() < 1e-7);
         let linear = inverse_frequencies(&config(Some(RopeScaling::Linear { factor: 4.0 })));
-        assert!(linear.iter().zip(&inv).all(|(l, d)| (l * 4.0 - d).abs() < 1e-7));
+        assert!(linear
+            .iter()
+            .zip(&inv)
+            .all(|(l, d)| (l * 4.0 - d).abs() < 1e-7));
     }
 
     #[test]
@@ -141,11 +144,32 @@ mod tests {
             } else if wavelen > 64.0 {
                 assert!((s * 8.0 - f).abs() < 1e-7);
             } else {
-                assert!(*s < *f && *s > f / 8.0, "smoothed {s} not between {} and {f}", f / 8.0);
+                assert!(
+                    *s < *f && *s > f / 8.0,
+                    "smoothed {s} not between {} and {f}",
+                    f / 8.0
+                );
             }
         }
         assert!(scaled.iter().zip(&inv).any(|(s, f)| s == f));
-        assert!(scaled.iter().zip(&inv).any(|(s, f)| (s * 8.0 - f).abs() < 1e-9));
+        // transformers 5.24 `_compute_llama3_parameters` for the same config.
+        let expected = [
+            1.0,
+            0.244_384_59,
+            0.013_042_256,
+            0.003_952_847_3,
+            0.001_25,
+            0.000_395_284_73,
+            0.000_125,
+            3.952_847_3e-5,
+        ];
+        for (s, e) in scaled.iter().zip(expected) {
+            assert!((s - e).abs() <= 1e-6 * e, "{s} vs transformers {e}");
+        }
+        assert!(scaled
+            .iter()
+            .zip(&inv)
+            .any(|(s, f)| (s * 8.0 - f).abs() < 1e-9));
     }
 
     #[test]
@@ -154,7 +178,10 @@ mod tests {
         let inv = vec![1.0f32, 0.1];
         let rot = Rotary::<NdArray>::new(&inv, 0, 3, &device);
         let x = Tensor::<NdArray, 4>::from_data(
-            TensorData::new((0..12).map(|v| v as f32 + 1.0).collect::<Vec<_>>(), [1, 1, 3, 4]),
+            TensorData::new(
+                (0..12).map(|v| v as f32 + 1.0).collect::<Vec<_>>(),
+                [1, 1, 3, 4],
+            ),
             &device,
         );
         let y: Vec<f32> = rot.apply(x.clone()).into_data().to_vec().unwrap();

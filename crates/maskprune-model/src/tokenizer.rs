@@ -14,8 +14,12 @@ pub fn load_tokenizer(dir: &Path, config: &ModelConfig) -> Result<Tokenizer> {
     if !path.is_file() {
         return Err(ModelError::new(&path, "tokenizer.json is missing"));
     }
-    let tokenizer = Tokenizer::from_file(&path)
-        .map_err(|e| ModelError::new(&path, format!("cannot load tokenizer: {}", one_line(&e.to_string()))))?;
+    let tokenizer = Tokenizer::from_file(&path).map_err(|e| {
+        ModelError::new(
+            &path,
+            format!("cannot load tokenizer: {}", one_line(&e.to_string())),
+        )
+    })?;
     let size = tokenizer.get_vocab_size(true);
     if size > config.vocab_size {
         return Err(ModelError::new(

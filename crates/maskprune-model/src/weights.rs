@@ -45,7 +45,8 @@ impl WeightStore {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
         for (file_idx, path) in paths.into_iter().enumerate() {
-            let file = File::open(&path).map_err(|e| ModelError::new(&path, format!("cannot open: {e}")))?;
+            let file = File::open(&path)
+                .map_err(|e| ModelError::new(&path, format!("cannot open: {e}")))?;
             // SAFETY: the map is read-only and the file is not modified while the store lives.
             let map = unsafe { Mmap::map(&file) }
                 .map_err(|e| ModelError::new(&path, format!("cannot map: {e}")))?;
@@ -96,7 +97,10 @@ impl WeightStore {
         if entry.shape != shape {
             return Err(ModelError::new(
                 path,
-                format!("tensor `{name}` has shape {:?}, expected {:?}", entry.shape, shape),
+                format!(
+                    "tensor `{name}` has shape {:?}, expected {:?}",
+                    entry.shape, shape
+                ),
             ));
         }
         let bytes = &map[entry.start..entry.end];
@@ -116,7 +120,9 @@ impl WeightStore {
             other => {
                 return Err(ModelError::new(
                     path,
-                    format!("tensor `{name}` has dtype {other:?}; only F32, BF16 and F16 are supported"),
+                    format!(
+                        "tensor `{name}` has dtype {other:?}; only F32, BF16 and F16 are supported"
+                    ),
                 ))
             }
         };
@@ -126,27 +132,34 @@ impl WeightStore {
 
 /// The shard files named by a `model.safetensors.index.json`, in a stable order.
 fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| ModelError::new(index, format!("cannot read: {e}")))?;
-    let value: Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::new(index, format!("not valid JSON: {e}")))?;
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| ModelError::new(index, format!("cannot read: {e}")))?;
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::new(index, format!("not valid JSON: {e}")))?;
     let map = value
         .get("weight_map")
         .and_then(Value::as_object)
         .ok_or_else(|| ModelError::new(index, "missing object `weight_map`"))?;
     let mut shards = BTreeMap::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| ModelError::new(index, format!("`weight_map.{tensor}` must be a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            ModelError::new(index, format!("`weight_map.{tensor}` must be a file name"))
+        })?;
         if file.contains('/') || file.contains("..") {
-            return Err(ModelError::new(index, format!("shard name `{file}` must be a plain file name")));
+            return Err(ModelError::new(
+                index,
+                format!("shard name `{file}` must be a plain file name"),
+            ));
         }
         shards.insert(file.to_string(), ());
     }
     let dir = index.parent().unwrap_or(Path::new("."));
     let paths: Vec<PathBuf> = shards.into_keys().map(|f| dir.join(f)).collect();
     if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
-        return Err(ModelError::new(index, format!("shard {} does not exist", missing.display())));
+        return Err(ModelError::new(
+            index,
+            format!("shard {} does not exist", missing.display()),
+        ));
     }
     Ok(paths)
 }

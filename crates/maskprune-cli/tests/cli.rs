@@ -1,0 +1,228 @@
+//! The `maskprune` binary: user mistakes end in one line on stderr and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn maskprune(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_maskprune"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("maskprune-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn assert_one_line_error(stderr: &str, needle: &str) {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_inputs_are_one_line_errors() {
+    let dir = scratch("bad");
+    let truncated = dir.join("t.gguf");
+    let gguf = std::fs::read(fixtures().join("tiny-llama.gguf")).unwrap();
+    std::fs::write(&truncated, &gguf[..1000]).unwrap();
+    let not_gguf = dir.join("x.gguf");
+    std::fs::write(&not_gguf, b"hello world, not a model").unwrap();
+    let out = dir.join("out");
+    let model = fixtures().join("tiny-llama");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "import-gguf".into(),
+                truncated.display().to_string(),
+                "--out".into(),
+                out.display().to_string(),
+            ],
+            "truncated",
+        ),
+        (
+            vec![
+                "import-gguf".into(),
+                not_gguf.display().to_string(),
+                "--out".into(),
+                out.display().to_string(),
+            ],
+            "bad magic",
+        ),
+        (
+            vec![
+                "import-gguf".into(),
+                dir.join("none.gguf").display().to_string(),
+                "--out".into(),
+                out.display().to_string(),
+            ],
+            "cannot open",
+        ),
+        (
+            vec![
+                "import-gguf".into(),
+                fixtures().join("tiny-llama.gguf").display().to_string(),
+                "--out".into(),
+                model.display().to_string(),
+            ],
+            "already exists",
+        ),
+        (
+            vec![
+                "eval".into(),
+                "ppl".into(),
+                "--model".into(),
+                dir.display().to_string(),
+            ],
+            "config.json",
+        ),
+        (
+            vec![
+                "eval".into(),
+                "ppl".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--dataset".into(),
+                "nope".into(),
+            ],
+            "unknown dataset",
+        ),
+        (
+            vec![
+                "eval".into(),
+                "ppl".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--dataset".into(),
+                "wikitext2".into(),
+                "--data-dir".into(),
+                dir.display().to_string(),
+            ],
+            "file not found",
+        ),
+        (
+            vec![
+                "eval".into(),
+                "ppl".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--seq-len".into(),
+                "1".into(),
+            ],
+            "--seq-len",
+        ),
+        (
+            vec![
+                "eval".into(),
+                "ppl".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--device".into(),
+                "cuda".into(),
+            ],
+            "CUDA",
+        ),
+        (
+            vec!["inspect".into(), dir.display().to_string()],
+            "cannot read config",
+        ),
+        (
+            vec![
+                "bench".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--shapes".into(),
+                "4by8".into(),
+            ],
+            "BATCHxLEN",
+        ),
+        (
+            vec![
+                "datasets".into(),
+                "wikitext2".into(),
+                "--data-dir".into(),
+                dir.display().to_string(),
+            ],
+            "not found",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, stderr) = maskprune(&args);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert_one_line_error(&stderr, needle);
+    }
+    assert!(!out.exists(), "a failed import left an output directory");
+}
+
+#[test]
+fn import_then_perplexity_on_the_tiny_fixture() {
+    let dir = scratch("ok");
+    let out = dir.join("model");
+    let (code, stdout, stderr) = maskprune(&[
+        "--quiet",
+        "import-gguf",
+        fixtures().join("tiny-llama.gguf").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("imported") && stdout.contains("F16"),
+        "{stdout}"
+    );
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
+    let json = dir.join("ppl.json");
+    let (code, stdout, stderr) = maskprune(&[
+        "--quiet",
+        "eval",
+        "ppl",
+        "--model",
+        out.to_str().unwrap(),
+        "--dataset",
+        text.to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--batch",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ppl"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let windows = report["result"]["windows"].as_u64().unwrap();
+    assert!(windows >= 5);
+    assert_eq!(
+        report["result"]["predicted_tokens"].as_u64().unwrap(),
+        windows * 31
+    );
+    assert_eq!(report["protocol"]["seq_len"], 32);
+    assert!(report["result"]["ppl"].as_f64().unwrap().is_finite());
+    assert_eq!(
+        report["model"]["weights_sha256"].as_str().unwrap().len(),
+        64
+    );
+}

