@@ -10,6 +10,8 @@
 * tiny-llama.gguf: the same model written as llama.cpp writes LLaMA GGUFs (llama.cpp tensor
   names, q/k rows permuted, tokenizer as metadata), all F32, so the import must reproduce the
   checkpoint exactly.
+* tiny-qwen2/, tiny-mistral/ (+ -reference.json): one-layer models of the other two
+  families (Qwen2 has q/k/v biases and tied embeddings), with transformers' logits.
 * gguf-quant-vectors.json: random blocks of every supported quantised type and gguf-py's
   dequantisation of them, to check our dequantisers bit for bit.
 
@@ -22,7 +24,8 @@ import gguf
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures")
@@ -93,6 +96,29 @@ def quant_vectors():
         out.append({"type": name, "block_size": block_size, "bytes_hex": blocks.tobytes().hex(),
                     "values": [float(v) for v in values]})
     return out
+
+
+def family_fixture(name, config_cls, model_cls, tok, extra):
+    """A one-layer model of another family, saved in f16, with transformers' logits."""
+    torch.manual_seed(1)
+    cfg = config_cls(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                     rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0, **extra)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_((1.0 + 0.1 * torch.randn_like(p)) if pname.endswith("norm.weight") else 0.15 * torch.randn_like(p))
+            p.copy_(p.half().float())
+    model_dir = os.path.join(OUT, name)
+    model.half().save_pretrained(model_dir, safe_serialization=True)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(model_dir)
+    model = model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode("Every layer keeps the same width, so the model stays standard.").ids[:10]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    with open(os.path.join(OUT, f"{name}-reference.json"), "w") as f:
+        json.dump({"generated_by": "scripts/make_tiny_fixture.py", "transformers_class": type(model).__name__,
+                   "input_ids": ids.tolist(), "logits": [float(f"{v:.7g}") for v in logits.reshape(-1).tolist()]}, f)
 
 
 def main():
@@ -188,6 +214,8 @@ def main():
     w.write_tensors_to_file()
     w.close()
 
+    family_fixture("tiny-qwen2", Qwen2Config, Qwen2ForCausalLM, tok, {"tie_word_embeddings": True, "rope_theta": 1e6})
+    family_fixture("tiny-mistral", MistralConfig, MistralForCausalLM, tok, {"sliding_window": 64, "rope_theta": 1e4})
     with open(os.path.join(OUT, "gguf-quant-vectors.json"), "w") as f:
         json.dump({"generated_by": "scripts/make_tiny_fixture.py (gguf-py dequantize)", "vectors": quant_vectors()}, f)
     print("wrote", OUT)

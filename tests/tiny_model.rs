@@ -165,3 +165,106 @@ fn tokenizer_reproduces_the_reference_ids() {
         assert_eq!(&got[..expected.len()], &expected[..]);
     }
 }
+
+fn family_logits_match(name: &str) {
+    let reference = read_json(&format!("{name}-reference.json"));
+    let model = Llama::<B>::load(&fixtures().join(name), &Default::default()).unwrap();
+    let ours = logits(&model, &inputs(&reference), None);
+    let diff = max_abs_diff(&ours, &floats(&reference["logits"]));
+    assert!(diff < 1e-4, "{name}: max |dlogit| = {diff}");
+}
+
+#[test]
+fn qwen2_with_qkv_biases_and_tied_embeddings_matches_transformers() {
+    family_logits_match("tiny-qwen2");
+    let model = Llama::<B>::load(&fixtures().join("tiny-qwen2"), &Default::default()).unwrap();
+    assert!(
+        model.layers[0].self_attn.q_proj.bias.is_some()
+            && model.layers[0].self_attn.o_proj.bias.is_none()
+    );
+}
+
+#[test]
+fn mistral_matches_transformers_and_refuses_sequences_beyond_its_window() {
+    family_logits_match("tiny-mistral");
+    let model = Llama::<B>::load(&fixtures().join("tiny-mistral"), &Default::default()).unwrap();
+    let long: Vec<u32> = (0..65).map(|i| i % 200).collect();
+    let err = model
+        .forward(token_tensor(&[&long[..]], &model.device()))
+        .unwrap_err();
+    assert!(
+        err.message.contains("exceeds `sliding_window` (64)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sharded_and_bf16_checkpoints_load() {
+    use std::collections::HashMap;
+    let dir = scratch("sharded");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixtures().join("tiny-llama").join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(fixtures().join("tiny-llama/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        // Re-encode as bf16 in the second shard, to exercise the bf16 path too.
+        let tensors: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = part
+            .iter()
+            .map(|n| {
+                let t = st.tensor(n).unwrap();
+                let f16: Vec<f32> = t
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect();
+                if shard.contains("00002") {
+                    let bf: Vec<u8> = f16
+                        .iter()
+                        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                        .collect();
+                    (n.clone(), bf, t.shape().to_vec(), safetensors::Dtype::BF16)
+                } else {
+                    (n.clone(), t.data().to_vec(), t.shape().to_vec(), t.dtype())
+                }
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, b, s, d)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(views, Some(meta), &dir.join(shard)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), shard.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let reference = read_json("tiny-llama-reference.json");
+    let model = Llama::<B>::load(&dir, &Default::default()).unwrap();
+    let ours = logits(&model, &inputs(&reference), None);
+    // bf16 rounding of half the weights moves the logits a little, not a lot.
+    let diff = max_abs_diff(&ours, &floats(&reference["logits"]));
+    assert!(diff > 0.0 && diff < 0.1, "max |dlogit| = {diff}");
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = Llama::<B>::load(&dir, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("shard") && err.contains("does not exist"),
+        "{err}"
+    );
+}
