@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
@@ -117,6 +117,7 @@ impl<B: Backend> Attention<B> {
             .forward(x)
             .reshape([b, t, kvh, d])
             .swap_dims(1, 2);
+        // The 1/sqrt(d) scale is applied to q (t x d values) rather than to the scores (t x t).
         let q = rotary.apply(q);
         let k = rotary.apply(k);
         // The query heads of one KV group are stacked along the sequence axis, so each
@@ -368,6 +369,12 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+/// SiLU as `x / (1 + exp(-x))`: four elementwise passes where burn's generic
+/// `exp(-log(1 + exp(-x)))` sigmoid takes seven (same values to float rounding).
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone() / x.neg().exp().add_scalar(1.0)
+}
+
 /// Additive causal mask `[1, 1, len, len]`: 0 on and below the diagonal, -inf above.
 pub fn causal_mask<B: Backend>(len: usize, device: &B::Device) -> Tensor<B, 4> {
     let mut data = vec![0.0f32; len * len];
@@ -521,5 +528,22 @@ mod tests {
             transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3),
             vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
         );
+    }
+}
+
+#[cfg(test)]
+mod silu_tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    #[test]
+    fn silu_is_x_times_sigmoid() {
+        let xs = vec![-30.0f32, -2.0, -0.5, 0.0, 0.5, 3.0, 30.0];
+        let t = Tensor::<NdArray, 1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &Default::default());
+        let y: Vec<f32> = silu(t).into_data().to_vec().unwrap();
+        for (x, y) in xs.iter().zip(&y) {
+            let e = x / (1.0 + (-x).exp());
+            assert!((y - e).abs() <= 1e-6 * e.abs().max(1.0), "silu({x}) = {y}, expected {e}");
+        }
     }
 }
