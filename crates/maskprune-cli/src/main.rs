@@ -8,6 +8,7 @@ mod eval_ppl;
 mod import;
 mod inspect;
 mod progress;
+mod prune_stages;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +46,10 @@ enum Command {
     Bench(bench::Args),
     /// List the built-in datasets and where their files were found.
     Datasets(datasets::Args),
+    /// Rank units with a one-shot method and write a uniform prune plan (JSON).
+    Rank(prune_stages::RankArgs),
+    /// Apply a prune plan: slice the weights and write a smaller standard checkpoint.
+    Surgery(prune_stages::SurgeryArgs),
 }
 
 #[derive(Subcommand)]
@@ -73,6 +78,8 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Datasets(a) => datasets::run(a),
+        Command::Rank(a) => prune_stages::rank(a),
+        Command::Surgery(a) => prune_stages::surgery(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -226,3 +226,63 @@ fn import_then_perplexity_on_the_tiny_fixture() {
         64
     );
 }
+
+#[test]
+fn rank_then_surgery_writes_a_smaller_checkpoint() {
+    let dir = scratch("prune");
+    let model = fixtures().join("tiny-llama");
+    let plan = dir.join("plan.json");
+    let (code, stdout, stderr) = maskprune(&[
+        "rank",
+        "--model",
+        model.to_str().unwrap(),
+        "--sparsity",
+        "0.5",
+        "--round-to",
+        "16",
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("magnitude plan"), "{stdout}");
+    let out = dir.join("pruned");
+    let (code, stdout, stderr) = maskprune(&[
+        "--quiet",
+        "surgery",
+        "--model",
+        model.to_str().unwrap(),
+        "--plan",
+        plan.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("decoder-layer linear weights removed"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = maskprune(&["inspect", out.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("maskprune.json") && stdout.contains("\"method\": \"magnitude\""),
+        "{stdout}"
+    );
+    // A plan for another model (the wrong number of layers) is refused.
+    let mut p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let first = p["layers"][0].clone();
+    p["layers"].as_array_mut().unwrap().push(first);
+    std::fs::write(&plan, p.to_string()).unwrap();
+    let (code, _, stderr) = maskprune(&[
+        "--quiet",
+        "surgery",
+        "--model",
+        model.to_str().unwrap(),
+        "--plan",
+        plan.to_str().unwrap(),
+        "--out",
+        dir.join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert_one_line_error(&stderr, "plan has 3 layers but the model has 2");
+}

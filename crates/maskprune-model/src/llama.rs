@@ -539,11 +539,17 @@ mod silu_tests {
     #[test]
     fn silu_is_x_times_sigmoid() {
         let xs = vec![-30.0f32, -2.0, -0.5, 0.0, 0.5, 3.0, 30.0];
-        let t = Tensor::<NdArray, 1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &Default::default());
+        let t = Tensor::<NdArray, 1>::from_data(
+            TensorData::new(xs.clone(), [xs.len()]),
+            &Default::default(),
+        );
         let y: Vec<f32> = silu(t).into_data().to_vec().unwrap();
         for (x, y) in xs.iter().zip(&y) {
             let e = x / (1.0 + (-x).exp());
-            assert!((y - e).abs() <= 1e-6 * e.abs().max(1.0), "silu({x}) = {y}, expected {e}");
+            assert!(
+                (y - e).abs() <= 1e-6 * e.abs().max(1.0),
+                "silu({x}) = {y}, expected {e}"
+            );
         }
     }
 }

@@ -81,6 +81,17 @@ impl WeightStore {
         self.entries.contains_key(name)
     }
 
+    /// The shape of a tensor, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// A tensor's stored dtype, shape and raw little-endian bytes, if present.
+    pub fn raw(&self, name: &str) -> Option<(Dtype, &[usize], &[u8])> {
+        let e = self.entries.get(name)?;
+        Some((e.dtype, &e.shape, &self.files[e.file].1[e.start..e.end]))
+    }
+
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.entries.keys().map(String::as_str).collect();

@@ -1,0 +1,17 @@
+//! From "which units does each layer keep" to a smaller standard checkpoint.
+//!
+//! A [`PrunePlan`] lists, per layer, the query heads, KV heads and MLP channels kept. A plan is
+//! *uniform* (every layer keeps the same counts, every kept KV group the same number of query
+//! heads), so the pruned model is a plain LLaMA-family config. [`prune_checkpoint`] slices the
+//! weights accordingly and writes a Hugging Face directory; [`magnitude_plan`] is the one-shot
+//! baseline that ranks units by the L2 norm of their weights.
+
+pub mod plan;
+pub mod rank;
+pub mod surgery;
+pub mod widths;
+
+pub use plan::{Granularity, LayerPlan, PrunePlan, PrunedShape};
+pub use rank::{magnitude_plan, magnitude_scores, LayerScores};
+pub use surgery::{prune_checkpoint, SurgeryReport};
+pub use widths::{decoder_linear_params, uniform_widths, Widths};

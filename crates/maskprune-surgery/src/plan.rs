@@ -1,0 +1,164 @@
+//! Prune plans: the units each layer keeps, validated to give a standard architecture.
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use maskprune_model::{LayerMask, ModelConfig};
+use serde::{Deserialize, Serialize};
+
+/// What an attention unit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Granularity {
+    /// A KV head with its query heads: `num_key_value_heads` shrinks.
+    #[serde(rename = "kv_group")]
+    KvGroup,
+    /// Query heads, the same number kept in every KV group: `num_key_value_heads` stays.
+    #[serde(rename = "query_head")]
+    QueryHead,
+}
+
+impl std::str::FromStr for Granularity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kv_group" => Ok(Granularity::KvGroup),
+            "query_head" => Ok(Granularity::QueryHead),
+            _ => Err(format!(
+                "unknown granularity `{s}` (kv_group or query_head)"
+            )),
+        }
+    }
+}
+
+/// The units one layer keeps (sorted indices into the original model).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerPlan {
+    /// Kept query heads.
+    pub query_heads: Vec<usize>,
+    /// Kept key/value heads.
+    pub kv_heads: Vec<usize>,
+    /// Kept MLP channels.
+    pub channels: Vec<usize>,
+}
+
+/// Kept units for every layer, and how they were chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrunePlan {
+    /// Ranking method that produced the plan (`magnitude`, `maskprune`, ...).
+    pub method: String,
+    /// Attention unit granularity.
+    pub granularity: Granularity,
+    /// One entry per decoder layer.
+    pub layers: Vec<LayerPlan>,
+}
+
+/// The architecture a valid plan produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PrunedShape {
+    /// `num_attention_heads` after pruning.
+    pub num_attention_heads: usize,
+    /// `num_key_value_heads` after pruning.
+    pub num_key_value_heads: usize,
+    /// `intermediate_size` after pruning.
+    pub intermediate_size: usize,
+}
+
+fn check_indices(what: &str, layer: usize, idx: &[usize], bound: usize) -> Result<(), String> {
+    if idx.is_empty() {
+        return Err(format!("layer {layer}: no {what} kept"));
+    }
+    if idx.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!(
+            "layer {layer}: {what} indices must be sorted and distinct"
+        ));
+    }
+    if let Some(bad) = idx.iter().find(|&&i| i >= bound) {
+        return Err(format!(
+            "layer {layer}: {what} index {bad} is out of range (model has {bound})"
+        ));
+    }
+    Ok(())
+}
+
+impl PrunePlan {
+    /// Checks the plan fits `config` and is uniform; returns the pruned architecture.
+    pub fn validate(&self, config: &ModelConfig) -> Result<PrunedShape, String> {
+        if self.layers.len() != config.num_hidden_layers {
+            return Err(format!(
+                "plan has {} layers but the model has {} (masks from another model?)",
+                self.layers.len(),
+                config.num_hidden_layers
+            ));
+        }
+        let group = config.group_size();
+        let first = &self.layers[0];
+        for (l, p) in self.layers.iter().enumerate() {
+            check_indices("query head", l, &p.query_heads, config.num_attention_heads)?;
+            check_indices("KV head", l, &p.kv_heads, config.num_key_value_heads)?;
+            check_indices("channel", l, &p.channels, config.intermediate_size)?;
+            if (p.query_heads.len(), p.kv_heads.len(), p.channels.len())
+                != (
+                    first.query_heads.len(),
+                    first.kv_heads.len(),
+                    first.channels.len(),
+                )
+            {
+                return Err(format!(
+                    "layer {l} keeps {}/{}/{} query heads/KV heads/channels but layer 0 keeps {}/{}/{}: the plan is not uniform",
+                    p.query_heads.len(), p.kv_heads.len(), p.channels.len(),
+                    first.query_heads.len(), first.kv_heads.len(), first.channels.len()
+                ));
+            }
+            let per_group = p.query_heads.len() / p.kv_heads.len();
+            for &kv in &p.kv_heads {
+                let n = p.query_heads.iter().filter(|&&q| q / group == kv).count();
+                if n != per_group || p.query_heads.len() % p.kv_heads.len() != 0 {
+                    return Err(format!(
+                        "layer {l}: KV head {kv} keeps {n} query heads; every kept KV head must keep the same number"
+                    ));
+                }
+            }
+            if let Some(q) = p
+                .query_heads
+                .iter()
+                .find(|&&q| !p.kv_heads.contains(&(q / group)))
+            {
+                return Err(format!(
+                    "layer {l}: query head {q} is kept but its KV head {} is not",
+                    q / group
+                ));
+            }
+            if self.granularity == Granularity::QueryHead
+                && p.kv_heads.len() != config.num_key_value_heads
+            {
+                return Err(format!(
+                    "layer {l}: query_head granularity keeps every KV head"
+                ));
+            }
+            if self.granularity == Granularity::KvGroup && per_group != group {
+                return Err(format!("layer {l}: kv_group granularity keeps all {group} query heads of a kept KV head"));
+            }
+        }
+        Ok(PrunedShape {
+            num_attention_heads: first.query_heads.len(),
+            num_key_value_heads: first.kv_heads.len(),
+            intermediate_size: first.channels.len(),
+        })
+    }
+
+    /// 0/1 masks on the original model that have the effect of this plan (kept = 1).
+    pub fn masks<B: Backend>(&self, config: &ModelConfig, device: &B::Device) -> Vec<LayerMask<B>> {
+        let indicator = |kept: &[usize], n: usize| {
+            let mut v = vec![0.0f32; n];
+            for &i in kept {
+                v[i] = 1.0;
+            }
+            Tensor::<B, 1>::from_data(TensorData::new(v, [n]), device)
+        };
+        self.layers
+            .iter()
+            .map(|p| LayerMask {
+                heads: Some(indicator(&p.query_heads, config.num_attention_heads)),
+                channels: Some(indicator(&p.channels, config.intermediate_size)),
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,115 @@
+//! Weight surgery: the pruned checkpoint computes exactly what the masked original computes.
+
+use maskprune_eval::perplexity::token_tensor;
+use maskprune_model::{Llama, ModelConfig, WeightStore};
+use maskprune_surgery::{magnitude_plan, prune_checkpoint, uniform_widths, Granularity, PrunePlan};
+use maskprune_tests::*;
+
+fn rows() -> Vec<Vec<u32>> {
+    read_json("tiny-llama-reference.json")["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect()
+}
+
+fn logits(model: &Llama<B>, masks: Option<&[maskprune_model::LayerMask<B>]>) -> Vec<f32> {
+    let rows = rows();
+    let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    values(
+        model
+            .forward_masked(token_tensor(&rows, &model.device()), masks)
+            .unwrap(),
+    )
+}
+
+fn check(granularity: Granularity, sparsity: f64, expect: (usize, usize)) {
+    let src = fixtures().join("tiny-llama");
+    let config = ModelConfig::from_file(&src.join("config.json")).unwrap();
+    let store = WeightStore::open(&src).unwrap();
+    let widths = uniform_widths(&config, granularity, sparsity, 16).unwrap();
+    let plan = magnitude_plan(&store, &config, granularity, widths).unwrap();
+    let out = scratch(&format!("surgery-{granularity:?}")).join("pruned");
+    let report = prune_checkpoint(&src, &plan, &out, false).unwrap();
+    assert_eq!(
+        (
+            report.shape.num_attention_heads,
+            report.shape.num_key_value_heads
+        ),
+        expect
+    );
+    assert!(
+        report.decoder_linear_after as f64
+            <= (1.0 - sparsity) * report.decoder_linear_before as f64
+    );
+    let pruned = Llama::<B>::load(&out, &Default::default()).unwrap();
+    assert_eq!(pruned.config.intermediate_size, widths.channels);
+    assert_eq!(pruned.config.total_params(), report.params_after);
+    let original = Llama::<B>::load(&src, &Default::default()).unwrap();
+    let masked = logits(&original, Some(&plan.masks(&config, &Default::default())));
+    let diff = max_abs_diff(&logits(&pruned, None), &masked);
+    assert!(diff < 1e-5, "pruned vs masked: {diff}");
+    assert!(
+        max_abs_diff(&masked, &logits(&original, None)) > 1e-3,
+        "pruning changed nothing"
+    );
+    let provenance: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("maskprune.json")).unwrap())
+            .unwrap();
+    assert_eq!(provenance["method"], "magnitude");
+    assert_eq!(provenance["kept"].as_array().unwrap().len(), 2);
+    assert!(out.join("tokenizer.json").is_file());
+    // An existing output is refused.
+    assert!(prune_checkpoint(&src, &plan, &out, false)
+        .unwrap_err()
+        .message
+        .contains("already exists"));
+}
+
+#[test]
+fn kv_group_surgery_equals_the_masked_model() {
+    check(Granularity::KvGroup, 0.5, (2, 1));
+}
+
+#[test]
+fn query_head_surgery_equals_the_masked_model() {
+    check(Granularity::QueryHead, 0.5, (2, 2));
+}
+
+#[test]
+fn invalid_plans_are_refused_with_the_reason() {
+    let src = fixtures().join("tiny-llama");
+    let config = ModelConfig::from_file(&src.join("config.json")).unwrap();
+    let store = WeightStore::open(&src).unwrap();
+    let widths = uniform_widths(&config, Granularity::QueryHead, 0.5, 16).unwrap();
+    let good = magnitude_plan(&store, &config, Granularity::QueryHead, widths).unwrap();
+    let out = scratch("bad-plan").join("x");
+    let mut cases: Vec<(PrunePlan, &str)> = Vec::new();
+    let mut p = good.clone();
+    p.layers.pop();
+    cases.push((p, "plan has 1 layers but the model has 2"));
+    let mut p = good.clone();
+    p.layers[1].channels.pop();
+    cases.push((p, "not uniform"));
+    let mut p = good.clone();
+    p.layers[0].channels[0] = 999;
+    p.layers[0].channels.sort();
+    cases.push((p, "out of range"));
+    let mut p = good.clone();
+    p.layers[0].query_heads = vec![0, 1];
+    cases.push((p, "every kept KV head must keep the same number"));
+    let mut p = good;
+    p.layers[0].channels = vec![];
+    cases.push((p, "no channel kept"));
+    for (plan, expected) in cases {
+        let err = prune_checkpoint(&src, &plan, &out, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("invalid prune plan") && err.contains(expected),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+}
