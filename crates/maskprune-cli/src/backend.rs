@@ -3,7 +3,7 @@
 
 use std::str::FromStr;
 
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 
 /// The `--device` flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +53,30 @@ pub fn dispatch<J: BackendJob>(device: DeviceArg, job: J) -> anyhow::Result<J::O
         #[cfg(feature = "cuda")]
         DeviceArg::Cuda(n) => {
             job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(n))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceArg::Cuda(_) => {
+            anyhow::bail!("this maskprune was built without CUDA; rebuild with `--features cuda`")
+        }
+    }
+}
+
+/// A command body that needs gradients (mask training), generic over an autodiff backend.
+pub trait AutodiffJob {
+    /// What the job returns.
+    type Output;
+    /// Runs the job on autodiff backend `B` and `device`.
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
+}
+
+/// Runs `job` on the autodiff version of the backend `device` names.
+pub fn dispatch_autodiff<J: AutodiffJob>(device: DeviceArg, job: J) -> anyhow::Result<J::Output> {
+    use burn::backend::Autodiff;
+    match device {
+        DeviceArg::Cpu => job.run::<Autodiff<burn::backend::NdArray>>(Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceArg::Cuda(n) => {
+            job.run::<Autodiff<burn::backend::Cuda>>(burn::backend::cuda::CudaDevice::new(n))
         }
         #[cfg(not(feature = "cuda"))]
         DeviceArg::Cuda(_) => {

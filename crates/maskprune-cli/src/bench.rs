@@ -8,7 +8,7 @@ use maskprune_eval::perplexity::token_tensor;
 use maskprune_model::{output::write_file_atomically, Llama};
 use serde_json::json;
 
-use crate::backend::{dispatch, BackendJob};
+use crate::backend::{dispatch, dispatch_autodiff, AutodiffJob, BackendJob};
 use crate::{progress, RunOptions};
 
 /// Arguments of `bench`.
@@ -26,6 +26,10 @@ pub struct Args {
     /// Timed runs per shape (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Also time one mask-training step per shape: teacher forward, student forward and
+    /// backward with straight-through masks (kv_group) and LoRA rank 8 on q and v.
+    #[arg(long)]
+    train_step: bool,
     /// Write the measurements here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -48,34 +52,103 @@ fn parse_shapes(s: &str) -> anyhow::Result<Vec<(usize, usize)>> {
 }
 
 struct Job(Args, Vec<(usize, usize)>);
+struct TrainStepJob(PathBuf, Vec<(usize, usize)>, usize, usize);
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let shapes = parse_shapes(&args.shapes)?;
-    dispatch(args.run.device, Job(args, shapes))
+    let (device, train) = (args.run.device, args.train_step);
+    let job = TrainStepJob(
+        args.model.clone(),
+        shapes.clone(),
+        args.warmup,
+        args.repeats,
+    );
+    let json = args.json.clone();
+    let mut report = dispatch(device, Job(args, shapes))?;
+    if train {
+        report["train_step"] = dispatch_autodiff(device, job)?;
+    }
+    if let Some(p) = &json {
+        write_file_atomically(p, &serde_json::to_vec_pretty(&report)?)?;
+        progress::info(format!("wrote {}", p.display()));
+    }
+    Ok(())
+}
+
+/// Deterministic pseudo-random token rows (a 64-bit LCG).
+fn random_rows(batch: usize, len: usize, vocab: u64) -> Vec<Vec<u32>> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    (0..batch)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 33) % vocab) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+impl AutodiffJob for TrainStepJob {
+    type Output = serde_json::Value;
+    fn run<B: burn::tensor::backend::AutodiffBackend>(
+        self,
+        device: B::Device,
+    ) -> anyhow::Result<serde_json::Value> {
+        use maskprune_mask::{distillation_kl, Granularity, LoraConfig, LoraSet, UnitMasks};
+        let TrainStepJob(dir, shapes, warmup, repeats) = self;
+        let model = Llama::<B>::load(&dir, &device)?;
+        let config = model.config.clone();
+        let mut out = Vec::new();
+        for (batch, len) in shapes {
+            let tokens = random_rows(batch, len, config.vocab_size as u64);
+            let rows: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+            let masks = UnitMasks::<B>::ones(&config, Granularity::KvGroup, &device).require_grad();
+            let lora = LoraSet::<B>::new(&config, &LoraConfig::default(), &device)
+                .map_err(anyhow::Error::msg)?
+                .require_grad();
+            let mut times = Vec::new();
+            for i in 0..warmup + repeats {
+                let start = Instant::now();
+                let teacher = model.forward(token_tensor(&rows, &device))?.detach();
+                let student = model.forward_with(
+                    token_tensor(&rows, &device),
+                    Some(&masks.layer_masks()),
+                    Some(&lora.layers),
+                )?;
+                let loss = distillation_kl(student, teacher, 2.0);
+                let grads = loss.backward();
+                // Reading a gradient back forces the backend to finish.
+                let _ = masks.channels[0]
+                    .grad(&grads)
+                    .map(|g| g.sum().into_scalar());
+                if i >= warmup {
+                    times.push(start.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            println!("train step {batch}x{len}: {median:.3}s median of {} (teacher fwd + student fwd/bwd)", times.len());
+            out.push(json!({"batch": batch, "seq_len": len, "seconds": times, "median_s": median}));
+        }
+        Ok(
+            json!({"what": "teacher forward + student forward and backward, kv_group masks (STE) + LoRA r8 on q,v, KL T=2", "results": out}),
+        )
+    }
 }
 
 impl BackendJob for Job {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+    type Output = serde_json::Value;
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<serde_json::Value> {
         let Job(a, shapes) = self;
         let model = Llama::<B>::load(&a.model, &device)?;
         let vocab = model.config.vocab_size as u64;
         let mut rows_out = Vec::new();
         for (batch, len) in shapes {
-            // Deterministic pseudo-random tokens (a 64-bit LCG).
-            let mut state = 0x9E37_79B9_7F4A_7C15u64;
-            let tokens: Vec<Vec<u32>> = (0..batch)
-                .map(|_| {
-                    (0..len)
-                        .map(|_| {
-                            state = state
-                                .wrapping_mul(6364136223846793005)
-                                .wrapping_add(1442695040888963407);
-                            ((state >> 33) % vocab) as u32
-                        })
-                        .collect()
-                })
-                .collect();
+            let tokens = random_rows(batch, len, vocab);
             let rows: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
             let mut times = Vec::new();
             for i in 0..a.warmup + a.repeats {
@@ -104,11 +177,7 @@ impl BackendJob for Job {
             "threads": rayon_threads(),
             "results": rows_out,
         });
-        if let Some(p) = &a.json {
-            write_file_atomically(p, &serde_json::to_vec_pretty(&report)?)?;
-            progress::info(format!("wrote {}", p.display()));
-        }
-        Ok(())
+        Ok(report)
     }
 }
 

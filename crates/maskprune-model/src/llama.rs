@@ -23,14 +23,76 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     /// Applies the layer to `[batch, len, in]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_lora(x, None)
+    }
+
+    /// Applies the layer plus an optional low-rank adapter: `x·W + b + scale·(x·A)·B`.
+    pub fn forward_lora(&self, x: Tensor<B, 3>, lora: Option<&Lora<B>>) -> Tensor<B, 3> {
         let [b, t, d_in] = x.dims();
         let d_out = self.weight.dims()[1];
-        let y = x.reshape([b * t, d_in]).matmul(self.weight.clone());
-        let y = match &self.bias {
-            Some(bias) => y + bias.clone().unsqueeze::<2>(),
-            None => y,
-        };
+        let x = x.reshape([b * t, d_in]);
+        let mut y = x.clone().matmul(self.weight.clone());
+        if let Some(bias) = &self.bias {
+            y = y + bias.clone().unsqueeze::<2>();
+        }
+        if let Some(l) = lora {
+            y = y + x
+                .matmul(l.a.clone())
+                .matmul(l.b.clone())
+                .mul_scalar(l.scale);
+        }
         y.reshape([b, t, d_out])
+    }
+}
+
+/// A low-rank adapter `scale·A·B` added to a linear layer (LoRA).
+#[derive(Debug, Clone)]
+pub struct Lora<B: Backend> {
+    /// Down projection, `[in, rank]`.
+    pub a: Tensor<B, 2>,
+    /// Up projection, `[rank, out]`.
+    pub b: Tensor<B, 2>,
+    /// `alpha / rank`.
+    pub scale: f64,
+}
+
+impl<B: Backend> Lora<B> {
+    /// The dense update `scale·A·B`, `[in, out]`, to merge into the weight.
+    pub fn delta(&self) -> Tensor<B, 2> {
+        self.a.clone().matmul(self.b.clone()).mul_scalar(self.scale)
+    }
+}
+
+/// Optional LoRA adapters of one decoder layer, by projection.
+#[derive(Debug, Clone)]
+pub struct LayerLora<B: Backend> {
+    /// On `q_proj`.
+    pub q_proj: Option<Lora<B>>,
+    /// On `k_proj`.
+    pub k_proj: Option<Lora<B>>,
+    /// On `v_proj`.
+    pub v_proj: Option<Lora<B>>,
+    /// On `o_proj`.
+    pub o_proj: Option<Lora<B>>,
+    /// On `gate_proj`.
+    pub gate_proj: Option<Lora<B>>,
+    /// On `up_proj`.
+    pub up_proj: Option<Lora<B>>,
+    /// On `down_proj`.
+    pub down_proj: Option<Lora<B>>,
+}
+
+impl<B: Backend> Default for LayerLora<B> {
+    fn default() -> Self {
+        Self {
+            q_proj: None,
+            k_proj: None,
+            v_proj: None,
+            o_proj: None,
+            gate_proj: None,
+            up_proj: None,
+            down_proj: None,
+        }
     }
 }
 
@@ -99,33 +161,39 @@ impl<B: Backend> Attention<B> {
         causal: &Tensor<B, 4>,
         head_mask: Option<&Tensor<B, 1>>,
     ) -> Tensor<B, 3> {
+        self.forward_lora(x, rotary, causal, head_mask, None)
+    }
+
+    /// [`Attention::forward`] with optional LoRA adapters on the projections.
+    pub fn forward_lora(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        causal: &Tensor<B, 4>,
+        head_mask: Option<&Tensor<B, 1>>,
+        lora: Option<&LayerLora<B>>,
+    ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rep = h / kvh;
+        let adapter = |pick: fn(&LayerLora<B>) -> Option<&Lora<B>>| lora.and_then(pick);
         let q = self
             .q_proj
-            .forward(x.clone())
-            .reshape([b, t, h, d])
-            .swap_dims(1, 2);
+            .forward_lora(x.clone(), adapter(|l| l.q_proj.as_ref()));
         let k = self
             .k_proj
-            .forward(x.clone())
-            .reshape([b, t, kvh, d])
-            .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, t, kvh, d])
-            .swap_dims(1, 2);
-        // The 1/sqrt(d) scale is applied to q (t x d values) rather than to the scores (t x t).
-        let q = rotary.apply(q);
-        let k = rotary.apply(k);
+            .forward_lora(x.clone(), adapter(|l| l.k_proj.as_ref()));
+        let v = self.v_proj.forward_lora(x, adapter(|l| l.v_proj.as_ref()));
+        let q = rotary.apply(q.reshape([b, t, h, d]).swap_dims(1, 2));
+        let k = rotary.apply(k.reshape([b, t, kvh, d]).swap_dims(1, 2));
+        let v = v.reshape([b, t, kvh, d]).swap_dims(1, 2);
         // The query heads of one KV group are stacked along the sequence axis, so each
-        // group is a single matmul against its shared keys: no copy of K or V.
-        let q = q.reshape([b, kvh, rep * t, d]);
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
+        // group is a single matmul against its shared keys: no copy of K or V. The 1/sqrt(d)
+        // scale goes on q (t x d values) rather than on the scores (t x t).
+        let q = q
+            .reshape([b, kvh, rep * t, d])
             .mul_scalar((d as f64).powf(-0.5));
+        let scores = q.matmul(k.swap_dims(2, 3));
         let scores = scores.reshape([b, h, t, t]) + causal.clone();
         let probs = softmax(scores, 3).reshape([b, kvh, rep * t, t]);
         let out = probs.matmul(v).reshape([b, h, t, d]);
@@ -133,8 +201,9 @@ impl<B: Backend> Attention<B> {
             Some(m) => out * m.clone().reshape([1, h, 1, 1]),
             None => out,
         };
+        let out = out.swap_dims(1, 2).reshape([b, t, h * d]);
         self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
+            .forward_lora(out, adapter(|l| l.o_proj.as_ref()))
     }
 }
 
@@ -152,12 +221,30 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// Applies the MLP; `channel_mask` scales each intermediate channel.
     pub fn forward(&self, x: Tensor<B, 3>, channel_mask: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
-        let act = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        self.forward_lora(x, channel_mask, None)
+    }
+
+    /// [`Mlp::forward`] with optional LoRA adapters on the projections.
+    pub fn forward_lora(
+        &self,
+        x: Tensor<B, 3>,
+        channel_mask: Option<&Tensor<B, 1>>,
+        lora: Option<&LayerLora<B>>,
+    ) -> Tensor<B, 3> {
+        let adapter = |pick: fn(&LayerLora<B>) -> Option<&Lora<B>>| lora.and_then(pick);
+        let gate = self
+            .gate_proj
+            .forward_lora(x.clone(), adapter(|l| l.gate_proj.as_ref()));
+        let up = self
+            .up_proj
+            .forward_lora(x, adapter(|l| l.up_proj.as_ref()));
+        let act = silu(gate) * up;
         let act = match channel_mask {
             Some(m) => act * m.clone().unsqueeze::<3>(),
             None => act,
         };
-        self.down_proj.forward(act)
+        self.down_proj
+            .forward_lora(act, adapter(|l| l.down_proj.as_ref()))
     }
 }
 
@@ -175,24 +262,31 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    /// Applies the block with an optional mask.
+    /// Applies the block with an optional mask and optional LoRA adapters.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
         causal: &Tensor<B, 4>,
         mask: Option<&LayerMask<B>>,
+        lora: Option<&LayerLora<B>>,
     ) -> Tensor<B, 3> {
         let heads = mask.and_then(|m| m.heads.as_ref());
         let channels = mask.and_then(|m| m.channels.as_ref());
-        let x = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rotary, causal, heads);
-        x.clone()
-            + self
-                .mlp
-                .forward(self.post_attention_layernorm.forward(x), channels)
+        let attn = self.self_attn.forward_lora(
+            self.input_layernorm.forward(x.clone()),
+            rotary,
+            causal,
+            heads,
+            lora,
+        );
+        let x = x + attn;
+        let mlp = self.mlp.forward_lora(
+            self.post_attention_layernorm.forward(x.clone()),
+            channels,
+            lora,
+        );
+        x + mlp
     }
 }
 
@@ -312,7 +406,17 @@ impl<B: Backend> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         masks: Option<&[LayerMask<B>]>,
     ) -> Result<Tensor<B, 3>> {
-        let hidden = self.hidden_states(tokens, masks)?;
+        self.forward_with(tokens, masks, None)
+    }
+
+    /// Logits with optional per-layer masks and LoRA adapters (one entry per layer each).
+    pub fn forward_with(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&[LayerMask<B>]>,
+        lora: Option<&[LayerLora<B>]>,
+    ) -> Result<Tensor<B, 3>> {
+        let hidden = self.hidden_states(tokens, masks, lora)?;
         Ok(self.logits(hidden))
     }
 
@@ -321,6 +425,7 @@ impl<B: Backend> Llama<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
         masks: Option<&[LayerMask<B>]>,
+        lora: Option<&[LayerLora<B>]>,
     ) -> Result<Tensor<B, 3>> {
         let [b, t] = tokens.dims();
         let c = &self.config;
@@ -332,13 +437,15 @@ impl<B: Backend> Llama<B> {
                 ));
             }
         }
-        if let Some(m) = masks {
-            if m.len() != self.layers.len() {
+        for (what, n) in [
+            ("masks", masks.map(<[_]>::len)),
+            ("LoRA adapters", lora.map(<[_]>::len)),
+        ] {
+            if let Some(n) = n.filter(|&n| n != self.layers.len()) {
                 return Err(ModelError::new(
-                    "masks",
+                    what,
                     format!(
-                        "{} layer masks given for a model of {} layers",
-                        m.len(),
+                        "{n} layer {what} given for a model of {} layers",
                         self.layers.len()
                     ),
                 ));
@@ -354,7 +461,13 @@ impl<B: Backend> Llama<B> {
             .select(0, ids)
             .reshape([b, t, c.hidden_size]);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, &rotary, &causal, masks.map(|m| &m[i]));
+            x = layer.forward(
+                x,
+                &rotary,
+                &causal,
+                masks.map(|m| &m[i]),
+                lora.map(|l| &l[i]),
+            );
         }
         Ok(self.norm.forward(x))
     }

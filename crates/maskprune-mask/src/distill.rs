@@ -1,0 +1,69 @@
+//! The distillation loss between the dense teacher and the masked student.
+
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::{backend::Backend, Tensor};
+
+/// Mean over positions of KL(teacher || student) on logits `[batch, len, vocab]` softened by
+/// `temperature`, multiplied by `temperature^2` (Hinton et al.) so gradients keep their scale.
+/// The teacher's logits are detached.
+pub fn distillation_kl<B: Backend>(
+    student: Tensor<B, 3>,
+    teacher: Tensor<B, 3>,
+    temperature: f64,
+) -> Tensor<B, 1> {
+    let [b, t, _] = student.dims();
+    let teacher = teacher.detach().div_scalar(temperature);
+    let log_p_t = log_softmax(teacher.clone(), 2);
+    let p_t = softmax(teacher, 2);
+    let log_p_s = log_softmax(student.div_scalar(temperature), 2);
+    (p_t * (log_p_t - log_p_s))
+        .sum()
+        .div_scalar((b * t) as f64)
+        .mul_scalar(temperature * temperature)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::{Distribution, TensorData};
+
+    type AD = Autodiff<NdArray>;
+
+    #[test]
+    fn kl_is_zero_for_equal_logits_and_positive_otherwise() {
+        let device = Default::default();
+        let a = Tensor::<AD, 3>::random([2, 3, 7], Distribution::Normal(0.0, 2.0), &device);
+        let zero: f32 = distillation_kl(a.clone(), a.clone(), 2.0).into_scalar();
+        assert!(zero.abs() < 1e-6);
+        let b = Tensor::<AD, 3>::random([2, 3, 7], Distribution::Normal(0.0, 2.0), &device);
+        let kl: f32 = distillation_kl(b, a, 1.0).into_scalar();
+        assert!(kl > 0.01);
+    }
+
+    #[test]
+    fn kl_matches_a_hand_computed_value() {
+        let device = Default::default();
+        let s =
+            Tensor::<NdArray, 3>::from_data(TensorData::new(vec![0.0f32, 0.0], [1, 1, 2]), &device);
+        let t = Tensor::<NdArray, 3>::from_data(
+            TensorData::new(vec![0.0f32, (3.0f32).ln()], [1, 1, 2]),
+            &device,
+        );
+        // teacher p = (0.25, 0.75), student q = (0.5, 0.5): KL = 0.25 ln 0.5 + 0.75 ln 1.5
+        let expected = 0.25 * (0.5f32).ln() + 0.75 * (1.5f32).ln();
+        let kl: f32 = distillation_kl(s, t, 1.0).into_scalar();
+        assert!((kl - expected).abs() < 1e-6, "{kl} vs {expected}");
+    }
+
+    #[test]
+    fn gradient_pulls_the_student_toward_the_teacher() {
+        let device = Default::default();
+        let s = Tensor::<AD, 3>::from_data(TensorData::new(vec![0.0f32, 0.0], [1, 1, 2]), &device)
+            .require_grad();
+        let t = Tensor::<AD, 3>::from_data(TensorData::new(vec![0.0f32, 1.0], [1, 1, 2]), &device);
+        let grads = distillation_kl(s.clone(), t, 1.0).backward();
+        let g: Vec<f32> = s.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        assert!(g[1] < 0.0 && g[0] > 0.0, "{g:?}");
+    }
+}
