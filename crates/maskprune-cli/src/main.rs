@@ -3,6 +3,7 @@
 
 mod backend;
 mod bench;
+mod calib;
 mod datasets;
 mod eval_ppl;
 mod import;
@@ -46,6 +47,8 @@ enum Command {
     Bench(bench::Args),
     /// List the built-in datasets and where their files were found.
     Datasets(datasets::Args),
+    /// Draw a seeded calibration set of token windows from calibration text (JSON).
+    Calib(calib::Args),
     /// Rank units with a one-shot method and write a uniform prune plan (JSON).
     Rank(prune_stages::RankArgs),
     /// Apply a prune plan: slice the weights and write a smaller standard checkpoint.
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Datasets(a) => datasets::run(a),
+        Command::Calib(a) => calib::run(a),
         Command::Rank(a) => prune_stages::rank(a),
         Command::Surgery(a) => prune_stages::surgery(a),
     };

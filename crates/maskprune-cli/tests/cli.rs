@@ -286,3 +286,56 @@ fn rank_then_surgery_writes_a_smaller_checkpoint() {
     assert_eq!(code, 1);
     assert_one_line_error(&stderr, "plan has 3 layers but the model has 2");
 }
+
+#[test]
+fn calibration_windows_come_from_calibration_documents_only() {
+    let dir = scratch("calib");
+    let model = fixtures().join("tiny-llama");
+    let docs: Vec<String> = (0..10)
+        .map(|i| format!("{{\"text\": \"document {i}: the quick brown fox jumps over the lazy dog again and again\"}}"))
+        .collect();
+    std::fs::write(dir.join("docs.jsonl"), docs.join("\n")).unwrap();
+    let manifest = dir.join("cal.toml");
+    std::fs::write(
+        &manifest,
+        "name='cal'\nrole='calibration'\ndescription='d'\nsource='s'\nfile='docs.jsonl'\nformat='jsonl'\nfields=['text']\ntake=4\njoin=' '\n",
+    )
+    .unwrap();
+    let out = dir.join("calib.json");
+    let args = [
+        "--quiet",
+        "calib",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        manifest.to_str().unwrap(),
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--samples",
+        "6",
+        "--seq-len",
+        "8",
+        "--seed",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (code, stdout, stderr) = maskprune(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("documents 4..10"), "{stdout}");
+    let set: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(set["samples"].as_array().unwrap().len(), 6);
+    assert!(set["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s.as_array().unwrap().len() == 8));
+    let first = std::fs::read(&out).unwrap();
+    maskprune(&args);
+    assert_eq!(
+        first,
+        std::fs::read(&out).unwrap(),
+        "same seed, different samples"
+    );
+}

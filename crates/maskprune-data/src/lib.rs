@@ -2,12 +2,14 @@
 //! directory, loading a corpus exactly as the published protocol joins it, and cutting token
 //! streams into fixed-length windows.
 
+pub mod calibration;
 pub mod manifest;
 pub mod text;
 pub mod windows;
 
+pub use calibration::{sample_windows, CalibrationSet, SplitMix64};
 pub use manifest::{builtin_manifests, DatasetManifest, Format, Role};
-pub use text::{data_dir_candidates, load_dataset, resolve_dataset, LoadedText};
+pub use text::{data_dir_candidates, load_dataset, load_rows, resolve_dataset, LoadedText};
 pub use windows::windows;
 
 /// Error of this crate: the file (or dataset) and what is wrong, on one line.

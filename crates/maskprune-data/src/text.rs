@@ -90,6 +90,35 @@ pub fn load_dataset(spec: &str, data_dir: Option<&Path>) -> Result<LoadedText> {
             rows: 1,
         });
     };
+    let (mut rows, file, sha256) = load_rows(&manifest, data_dir)?;
+    if let Some(n) = manifest.take {
+        rows.truncate(n);
+    }
+    if rows.is_empty() {
+        return Err(DataError(format!(
+            "{}: dataset `{}` has no rows",
+            file.display(),
+            manifest.name
+        )));
+    }
+    Ok(LoadedText {
+        name: manifest.name.clone(),
+        text: rows.join(&manifest.join),
+        rows: rows.len(),
+        file,
+        sha256,
+        description: manifest.description.clone(),
+        role: manifest.role,
+        max_windows: manifest.max_windows,
+    })
+}
+
+/// Every row of a manifest's file after `strip` and `skip_empty` (before `take` and `join`),
+/// with the file it came from and its checksum (verified against the manifest).
+pub fn load_rows(
+    manifest: &DatasetManifest,
+    data_dir: Option<&Path>,
+) -> Result<(Vec<String>, PathBuf, String)> {
     let candidates = data_dir_candidates(data_dir);
     let file = candidates
         .iter()
@@ -114,8 +143,8 @@ pub fn load_dataset(spec: &str, data_dir: Option<&Path>) -> Result<LoadedText> {
             )));
         }
     }
-    let rows = rows_of(&manifest, &file, bytes)?;
-    let mut rows: Vec<String> = rows
+    let rows = rows_of(manifest, &file, bytes)?;
+    let rows: Vec<String> = rows
         .into_iter()
         .map(|r| {
             if manifest.strip {
@@ -126,26 +155,7 @@ pub fn load_dataset(spec: &str, data_dir: Option<&Path>) -> Result<LoadedText> {
         })
         .filter(|r| !(manifest.skip_empty && r.is_empty()))
         .collect();
-    if let Some(n) = manifest.take {
-        rows.truncate(n);
-    }
-    if rows.is_empty() {
-        return Err(DataError(format!(
-            "{}: dataset `{}` has no rows",
-            file.display(),
-            manifest.name
-        )));
-    }
-    Ok(LoadedText {
-        name: manifest.name.clone(),
-        text: rows.join(&manifest.join),
-        rows: rows.len(),
-        file,
-        sha256,
-        description: manifest.description.clone(),
-        role: manifest.role,
-        max_windows: manifest.max_windows,
-    })
+    Ok((rows, file, sha256))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

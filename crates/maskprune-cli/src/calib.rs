@@ -1,0 +1,96 @@
+//! `maskprune calib`: a seeded calibration set of token windows from calibration text.
+
+use std::path::PathBuf;
+
+use maskprune_data::{load_rows, resolve_dataset, sample_windows, CalibrationSet, DataError, Role};
+use maskprune_model::{load_tokenizer, output::write_file_atomically, ModelConfig};
+
+use crate::eval_ppl::file_sha256;
+use crate::progress;
+
+/// Arguments of `calib`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory (its tokenizer encodes the samples).
+    #[arg(long)]
+    model: PathBuf,
+    /// Calibration dataset: a manifest of role `calibration` (default: the C4 sample, whose
+    /// first 1,100 documents are left to C4 perplexity).
+    #[arg(long, default_value = "c4")]
+    dataset: String,
+    /// Number of windows.
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Data directory (default: $MASKPRUNE_DATA, ../shared/data, ~/.cache/maskprune/data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Output file (JSON).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.samples > 0 && a.seq_len > 1,
+        "--samples must be positive and --seq-len at least 2"
+    );
+    let config = ModelConfig::from_file(&a.model.join("config.json"))?;
+    let tokenizer = load_tokenizer(&a.model, &config)?;
+    let manifest = resolve_dataset(&a.dataset)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: calibration needs a dataset manifest of role `calibration`",
+            a.dataset
+        )
+    })?;
+    anyhow::ensure!(
+        manifest.role == Role::Calibration,
+        "dataset `{}` is evaluation text; calibration must never use it (use c4 or a manifest with role = \"calibration\")",
+        manifest.name
+    );
+    let (rows, file, sha256) = load_rows(&manifest, a.data_dir.as_deref())?;
+    // Rows the manifest's evaluation protocol uses (`take`) are never calibration documents.
+    let first = manifest.take.unwrap_or(0).min(rows.len());
+    let docs = &rows[first..];
+    anyhow::ensure!(
+        !docs.is_empty(),
+        "{}: no documents left after the {first} used for evaluation",
+        file.display()
+    );
+    let pb = progress::bar("calib", a.samples as u64, "samples");
+    let encode = |text: &str| -> Result<Vec<u32>, DataError> {
+        let enc = tokenizer
+            .encode(text, false)
+            .map_err(|e| DataError(format!("{}: tokenization failed: {e}", file.display())))?;
+        Ok(enc.get_ids().to_vec())
+    };
+    let samples = sample_windows(docs, &|t| encode(t), a.samples, a.seq_len, a.seed)?;
+    pb.finish_and_clear();
+    let set = CalibrationSet {
+        dataset: manifest.name.clone(),
+        file: file.display().to_string(),
+        sha256,
+        documents: (first, rows.len()),
+        seed: a.seed,
+        seq_len: a.seq_len,
+        tokenizer_sha256: file_sha256(&a.model.join("tokenizer.json"))?,
+        samples,
+    };
+    write_file_atomically(&a.out, &serde_json::to_vec(&set)?)?;
+    println!(
+        "calibration set: {} windows of {} tokens from `{}` documents {}..{} (seed {}) -> {}",
+        a.samples,
+        a.seq_len,
+        manifest.name,
+        first,
+        rows.len(),
+        a.seed,
+        a.out.display()
+    );
+    Ok(())
+}
