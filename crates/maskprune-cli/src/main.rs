@@ -6,6 +6,7 @@ mod bench;
 mod calib;
 mod datasets;
 mod eval_ppl;
+mod eval_zeroshot;
 mod import;
 mod inspect;
 mod progress;
@@ -59,6 +60,8 @@ enum Command {
 enum EvalCommand {
     /// Perplexity over non-overlapping windows (LLM-Pruner / Wanda / SparseGPT protocol).
     Ppl(eval_ppl::Args),
+    /// Zero-shot multiple choice (BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA).
+    Zeroshot(eval_zeroshot::Args),
 }
 
 /// Options shared by commands that run a model.
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::ImportGguf(a) => import::run(a),
         Command::Eval(EvalCommand::Ppl(a)) => eval_ppl::run(a),
+        Command::Eval(EvalCommand::Zeroshot(a)) => eval_zeroshot::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Datasets(a) => datasets::run(a),

@@ -339,3 +339,60 @@ fn calibration_windows_come_from_calibration_documents_only() {
         "same seed, different samples"
     );
 }
+
+#[test]
+fn zeroshot_scores_and_resumes() {
+    let dir = scratch("zeroshot");
+    std::fs::create_dir_all(dir.join("zeroshot")).unwrap();
+    let doc = |gold: usize| {
+        format!(
+            "{{\"contexts\": [\"The quick brown fox \", \"The quick brown fox \"], \"continuations\": [\" jumps over the lazy dog\", \" masks\"], \"gold\": {gold}}}"
+        )
+    };
+    std::fs::write(
+        dir.join("zeroshot/piqa.jsonl"),
+        [doc(0), doc(1), doc(0)].join("\n"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("zeroshot/winogrande.jsonl"), doc(1)).unwrap();
+    let model = fixtures().join("tiny-llama");
+    let json = dir.join("zs.json");
+    let run = |tasks: &str| {
+        maskprune(&[
+            "--quiet",
+            "eval",
+            "zeroshot",
+            "--model",
+            model.to_str().unwrap(),
+            "--tasks",
+            tasks,
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+            "--batch",
+            "2",
+        ])
+    };
+    let (code, stdout, stderr) = run("piqa");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("piqa") && stdout.contains("(n = 3)"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let acc = report["tasks"]["piqa"]["acc"].as_f64().unwrap();
+    // The same choice wins in all three documents, so acc is 1/3 or 2/3.
+    assert!(
+        (acc - 1.0 / 3.0).abs() < 1e-9 || (acc - 2.0 / 3.0).abs() < 1e-9,
+        "{acc}"
+    );
+    let (code, stdout, _) = run("piqa,winogrande");
+    assert_eq!(code, 0);
+    assert!(!stdout.contains("piqa "), "piqa was scored again: {stdout}");
+    assert!(
+        stdout.contains("winogrande") && stdout.contains("average"),
+        "{stdout}"
+    );
+}
