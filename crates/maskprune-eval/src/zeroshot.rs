@@ -9,7 +9,6 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use maskprune_model::{LayerMask, Llama, Result};
 use serde::{Deserialize, Serialize};
@@ -152,13 +151,8 @@ pub fn score_requests<B: Backend>(
             ),
         );
         let logits = picked.matmul(model.lm_head.clone());
-        let logp = log_softmax(logits, 1).gather(
-            1,
-            Tensor::<B, 2, Int>::from_data(
-                TensorData::new(targets.clone(), [targets.len(), 1]),
-                &device,
-            ),
-        );
+        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.clone(), [targets.len(), 1]), &device);
+        let logp = crate::perplexity::target_logprobs(logits, targets);
         let logp: Vec<f32> = logp
             .into_data()
             .convert::<f32>()
