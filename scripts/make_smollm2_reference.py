@@ -4,7 +4,8 @@
 Loads the directory written by `maskprune import-gguf` with the stock classes and records,
 for a few sentences: the token ids of the tokenizer, the logits of a fixed subset of the
 vocabulary at every position, the full-row logsumexp and argmax at every position; plus the
-perplexity of the first 8 WikiText-2 windows of 128 tokens (when the data is present).
+perplexity of the first 8 WikiText-2 windows of 128 tokens and of the first window of 1024
+(when the data is present).
 
 Usage: V/bin/python scripts/make_smollm2_reference.py IMPORTED_DIR [OUT.json]
 """
@@ -52,6 +53,9 @@ def main():
         ids = tok(text, return_tensors="pt").input_ids[0][: 8 * 128].view(8, 128)
         logp = torch.log_softmax(model(ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None])
         ref["wikitext2_first8x128"] = {"mean_nll": -logp.double().mean().item(), "ppl": math.exp(-logp.double().mean().item())}
+        ids = tok(text, return_tensors="pt").input_ids[0][:1024].view(1, 1024)
+        logp = torch.log_softmax(model(ids).logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])
+        ref["wikitext2_first1x1024"] = {"mean_nll": -logp.mean().item(), "ppl": math.exp(-logp.mean().item())}
     except SystemExit as e:
         print("no WikiText-2 here, skipping the perplexity reference:", e)
     with open(out, "w") as f:

@@ -43,14 +43,20 @@ pub fn token_tensor<B: Backend>(rows: &[&[u32]], device: &B::Device) -> Tensor<B
 /// The normaliser is summed in two levels (blocks of 128, then the blocks): a flat f32 sum
 /// over a 49k vocabulary drifts by ~1e-4 nats, which showed as a systematic offset against
 /// transformers at seq-len 1024.
-pub fn target_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+pub fn target_logprobs<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
     let [rows, vocab] = logits.dims();
     let shifted = logits.clone() - logits.max_dim(1);
     let picked = shifted.clone().gather(1, targets);
     let exp = shifted.exp();
     const BLOCK: usize = 128;
     let sum = if vocab % BLOCK == 0 {
-        exp.reshape([rows, vocab / BLOCK, BLOCK]).sum_dim(2).sum_dim(1).reshape([rows, 1])
+        exp.reshape([rows, vocab / BLOCK, BLOCK])
+            .sum_dim(2)
+            .sum_dim(1)
+            .reshape([rows, 1])
     } else {
         exp.sum_dim(1)
     };
@@ -69,7 +75,10 @@ pub fn next_token_logprobs<B: Backend>(
     let logits = model.logits(hidden.narrow(1, 0, t - 1));
     let targets: Vec<&[u32]> = rows.iter().map(|r| &r[1..]).collect();
     let targets = token_tensor::<B>(&targets, &device).reshape([b * (t - 1), 1]);
-    let picked = target_logprobs(logits.reshape([b * (t - 1), model.config.vocab_size]), targets);
+    let picked = target_logprobs(
+        logits.reshape([b * (t - 1), model.config.vocab_size]),
+        targets,
+    );
     Ok(picked
         .into_data()
         .convert::<f32>()

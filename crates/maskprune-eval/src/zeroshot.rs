@@ -151,7 +151,10 @@ pub fn score_requests<B: Backend>(
             ),
         );
         let logits = picked.matmul(model.lm_head.clone());
-        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.clone(), [targets.len(), 1]), &device);
+        let targets = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(targets.clone(), [targets.len(), 1]),
+            &device,
+        );
         let logp = crate::perplexity::target_logprobs(logits, targets);
         let logp: Vec<f32> = logp
             .into_data()
