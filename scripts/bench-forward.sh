@@ -4,6 +4,7 @@
 #
 #   scripts/bench-forward.sh [MODEL_DIR]     (default: the imported SmolLM2)
 #   PYTHON=V/bin/python SHAPES=1x1024,4x256 REPEATS=3 scripts/bench-forward.sh
+#   TRAIN_STEP=1 scripts/bench-forward.sh    # also time one mask-training step (ours only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet --release -p maskprune-cli
@@ -14,7 +15,9 @@ OUT="${OUT:-results/bench-forward.json}"
 PYTHON="${PYTHON:-$( [ -x V/bin/python ] && echo V/bin/python || echo python3)}"
 mkdir -p "$(dirname "$OUT")"
 tmp=$(mktemp -d)
-"${CARGO_TARGET_DIR:-target}/release/maskprune" bench --model "$MODEL" --shapes "$SHAPES" --repeats "$REPEATS" --json "$tmp/ours.json"
+EXTRA=()
+[ "${TRAIN_STEP:-0}" = 1 ] && EXTRA=(--train-step)
+"${CARGO_TARGET_DIR:-target}/release/maskprune" bench --model "$MODEL" --shapes "$SHAPES" --repeats "$REPEATS" "${EXTRA[@]}" --json "$tmp/ours.json"
 if "$PYTHON" -c "import torch, transformers" 2>/dev/null; then
   "$PYTHON" scripts/bench_forward_torch.py --model "$MODEL" --shapes "$SHAPES" --repeats "$REPEATS" --threads "$(nproc)" --json "$tmp/torch.json"
 else
