@@ -76,7 +76,17 @@ pub struct RunOptions {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // Usage mistakes get one line too (clap adds a usage block and a hint).
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("error: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     progress::set_quiet(cli.quiet);
     let result = match cli.command {
         Command::ImportGguf(a) => import::run(a),
