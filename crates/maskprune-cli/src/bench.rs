@@ -75,20 +75,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deterministic pseudo-random token rows (a 64-bit LCG).
+/// Deterministic pseudo-random token rows.
 fn random_rows(batch: usize, len: usize, vocab: u64) -> Vec<Vec<u32>> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = maskprune_data::SplitMix64(0);
     (0..batch)
-        .map(|_| {
-            (0..len)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((state >> 33) % vocab) as u32
-                })
-                .collect()
-        })
+        .map(|_| (0..len).map(|_| rng.below(vocab as usize) as u32).collect())
         .collect()
 }
 
@@ -174,14 +165,14 @@ impl BackendJob for Job {
             "model": a.model,
             "params": model.config.total_params(),
             "backend": format!("burn {} ({})", a.run.device, std::any::type_name::<B>()),
-            "threads": rayon_threads(),
+            "threads": available_threads(),
             "results": rows_out,
         });
         Ok(report)
     }
 }
 
-fn rayon_threads() -> usize {
+fn available_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

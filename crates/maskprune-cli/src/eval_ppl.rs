@@ -130,7 +130,6 @@ impl BackendJob for Job {
 
 /// Hex SHA-256 of a file.
 pub fn file_sha256(path: &Path) -> anyhow::Result<String> {
-    use sha2::{Digest, Sha256};
     let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
-    Ok(format!("{:x}", Sha256::digest(bytes)))
+    Ok(maskprune_data::text::sha256_hex(&bytes))
 }
