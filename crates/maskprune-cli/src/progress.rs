@@ -41,3 +41,9 @@ pub fn bar(label: &str, total: u64, unit: &str) -> ProgressBar {
     pb.set_prefix(label.to_string());
     pb
 }
+
+/// Whether long stages should print periodic plain lines (stderr is not a terminal and not
+/// `--quiet`), since no bar is drawn there.
+pub fn plain_log() -> bool {
+    !quiet() && !std::io::stderr().is_terminal()
+}

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use maskprune_model::{output::write_file_atomically, ModelConfig, WeightStore};
-use maskprune_surgery::{magnitude_plan, prune_checkpoint, uniform_widths, Granularity, PrunePlan};
+use maskprune_surgery::{
+    magnitude_plan, prune_checkpoint_with_lora, uniform_widths, Granularity, PrunePlan, Widths,
+};
 
 use crate::progress;
 
@@ -19,8 +21,12 @@ pub struct RankArgs {
     #[arg(long, default_value = "magnitude", value_parser = ["magnitude"])]
     method: String,
     /// Fraction of the decoder layers' linear parameters to remove.
-    #[arg(long)]
-    sparsity: f64,
+    #[arg(long, required_unless_present = "widths_from")]
+    sparsity: Option<f64>,
+    /// Use the widths of this prune plan (e.g. a mask-training run's plan.json) instead of
+    /// --sparsity, so the baseline has exactly the same architecture.
+    #[arg(long, conflicts_with = "sparsity")]
+    widths_from: Option<PathBuf>,
     /// Attention unit: kv_group (num_key_value_heads shrinks) or query_head.
     #[arg(long, default_value = "kv_group")]
     granularity: Granularity,
@@ -34,10 +40,28 @@ pub struct RankArgs {
 
 pub fn rank(a: RankArgs) -> anyhow::Result<()> {
     let config = ModelConfig::from_file(&a.model.join("config.json"))?;
-    let widths = uniform_widths(&config, a.granularity, a.sparsity, a.round_to)
-        .map_err(|m| anyhow::anyhow!("{}: {m}", a.model.display()))?;
+    let (granularity, widths) = match (&a.widths_from, a.sparsity) {
+        (Some(p), _) => {
+            let plan = read_plan(p)?;
+            let shape = plan
+                .validate(&config)
+                .map_err(|m| anyhow::anyhow!("{}: {m}", p.display()))?;
+            let w = Widths {
+                query_heads: shape.num_attention_heads,
+                kv_heads: shape.num_key_value_heads,
+                channels: shape.intermediate_size,
+            };
+            (plan.granularity, w)
+        }
+        (None, Some(s)) => (
+            a.granularity,
+            uniform_widths(&config, a.granularity, s, a.round_to)
+                .map_err(|m| anyhow::anyhow!("{}: {m}", a.model.display()))?,
+        ),
+        (None, None) => anyhow::bail!("give --sparsity or --widths-from"),
+    };
     let store = WeightStore::open(&a.model)?;
-    let plan = magnitude_plan(&store, &config, a.granularity, widths)?;
+    let plan = magnitude_plan(&store, &config, granularity, widths)?;
     write_file_atomically(&a.out, &serde_json::to_vec_pretty(&plan)?)?;
     println!(
         "{} plan: {} query heads / {} KV heads / {} channels per layer -> {}",
@@ -62,22 +86,22 @@ pub struct SurgeryArgs {
     /// Output model directory (written atomically).
     #[arg(long)]
     out: PathBuf,
+    /// LoRA adapters to merge first (`lora.safetensors` of a mask-training run).
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// Replace an existing output directory.
     #[arg(long)]
     overwrite: bool,
 }
 
 pub fn surgery(a: SurgeryArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&a.plan)
-        .with_context(|| format!("{}: cannot read", a.plan.display()))?;
-    let plan: PrunePlan = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: invalid prune plan: {e}", a.plan.display()))?;
+    let plan = read_plan(&a.plan)?;
     progress::info(format!(
         "pruning {} with {} ...",
         a.model.display(),
         a.plan.display()
     ));
-    let r = prune_checkpoint(&a.model, &plan, &a.out, a.overwrite)?;
+    let r = prune_checkpoint_with_lora(&a.model, &plan, a.lora.as_deref(), &a.out, a.overwrite)?;
     println!(
         "wrote {}: {} -> {} parameters ({:.1}% of all, {:.1}% of decoder-layer linear weights removed); heads {} / KV heads {} / MLP {}",
         a.out.display(),
@@ -90,4 +114,11 @@ pub fn surgery(a: SurgeryArgs) -> anyhow::Result<()> {
         r.shape.intermediate_size
     );
     Ok(())
+}
+
+fn read_plan(path: &std::path::Path) -> anyhow::Result<PrunePlan> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid prune plan: {e}", path.display()))
 }

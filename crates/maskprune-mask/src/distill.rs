@@ -22,6 +22,22 @@ pub fn distillation_kl<B: Backend>(
         .mul_scalar(temperature * temperature)
 }
 
+/// Mean next-token cross-entropy of logits `[batch, len, vocab]` on the tokens themselves
+/// (position `i` predicts token `i + 1`).
+pub fn next_token_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    tokens: Tensor<B, 2, burn::tensor::Int>,
+) -> Tensor<B, 1> {
+    let [b, t, v] = logits.dims();
+    let log_p = log_softmax(logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]), 1);
+    let targets = tokens.narrow(1, 1, t - 1).reshape([b * (t - 1), 1]);
+    log_p
+        .gather(1, targets)
+        .sum()
+        .neg()
+        .div_scalar((b * (t - 1)) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +70,23 @@ mod tests {
         let expected = 0.25 * (0.5f32).ln() + 0.75 * (1.5f32).ln();
         let kl: f32 = distillation_kl(s, t, 1.0).into_scalar();
         assert!((kl - expected).abs() < 1e-6, "{kl} vs {expected}");
+    }
+
+    #[test]
+    fn next_token_loss_is_the_mean_cross_entropy() {
+        let device = Default::default();
+        // vocab 2, tokens [0, 1, 1]: positions 0 and 1 predict 1 and 1.
+        let logits = Tensor::<NdArray, 3>::from_data(
+            TensorData::new(vec![0.0f32, 0.0, 0.0, (3.0f32).ln(), 9.0, 9.0], [1, 3, 2]),
+            &device,
+        );
+        let tokens = Tensor::<NdArray, 2, burn::tensor::Int>::from_data(
+            TensorData::new(vec![0i64, 1, 1], [1, 3]),
+            &device,
+        );
+        let expected = -((0.5f32).ln() + (0.75f32).ln()) / 2.0;
+        let got: f32 = next_token_loss(logits, tokens).into_scalar();
+        assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod distill;
 pub mod lora;
 pub mod units;
 
-pub use distill::distillation_kl;
+pub use distill::{distillation_kl, next_token_loss};
 pub use lora::{LoraConfig, LoraSet};
 pub use maskprune_surgery::Granularity;
 pub use units::{binary_ste, UnitMasks};

@@ -1,0 +1,326 @@
+//! `maskprune train-masks` (minimax mask training into a run directory) and `maskprune prune`
+//! (calibration, training and surgery in one go).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use maskprune_data::CalibrationSet;
+use maskprune_model::output::write_file_atomically;
+use maskprune_model::Llama;
+use maskprune_surgery::{prune_checkpoint_with_lora, Granularity, PrunePlan};
+use maskprune_train::{files, train, RunSpec, TrainConfig, TrainSummary};
+
+use crate::backend::{dispatch_autodiff, AutodiffJob, DeviceArg};
+use crate::{calib, progress};
+
+/// Options shared by `train-masks` and `prune`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TrainOptions {
+    /// Training configuration (TOML; see configs/).
+    #[arg(long)]
+    config: PathBuf,
+    /// Model directory (Hugging Face layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Calibration set from `maskprune calib` (default: drawn as the config's [calibration] says).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Cut the schedule to this many updates (the warm-up shrinks in proportion).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Fraction of the decoder layers' linear parameters to remove (replaces the config's budget).
+    #[arg(long, conflicts_with = "target_params")]
+    sparsity: Option<f64>,
+    /// Parameters of the whole pruned model (replaces the config's budget).
+    #[arg(long)]
+    target_params: Option<u64>,
+    /// Attention unit: kv_group or query_head (replaces the config's).
+    #[arg(long)]
+    granularity: Option<Granularity>,
+    /// Override any config value: `--set train.steps=200 --set minimax.mask_lr=0.1`.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue the run in --run-dir from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Replace an existing run directory.
+    #[arg(long)]
+    overwrite_run: bool,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceArg,
+    /// Data directory (default: $MASKPRUNE_DATA, ../shared/data, ~/.cache/maskprune/data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+/// Arguments of `train-masks`.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    opts: TrainOptions,
+    /// Run directory (masks, widths, multipliers, LoRA, log.jsonl, checkpoint, plan.json).
+    #[arg(long)]
+    run_dir: PathBuf,
+}
+
+/// Arguments of `prune`.
+#[derive(clap::Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    opts: TrainOptions,
+    /// Output model directory (written atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Run directory (default: OUT.run).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// Resolves the configuration with every override applied.
+fn resolve_config(o: &TrainOptions) -> anyhow::Result<TrainConfig> {
+    let mut overrides = o.set.clone();
+    if let Some(s) = o.sparsity {
+        overrides.push(format!("budget.sparsity={s}"));
+    }
+    if let Some(n) = o.target_params {
+        overrides.push(format!("budget.target_params={n}"));
+    }
+    if let Some(g) = o.granularity {
+        let name = match g {
+            Granularity::KvGroup => "kv_group",
+            Granularity::QueryHead => "query_head",
+        };
+        overrides.push(format!("budget.granularity=\"{name}\""));
+    }
+    let text = std::fs::read_to_string(&o.config)
+        .with_context(|| format!("{}: cannot read", o.config.display()))?;
+    // A budget flag replaces the config's budget kind.
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", o.config.display(), e.message()))?;
+    if o.sparsity.is_some() || o.target_params.is_some() {
+        if let Some(b) = table.get_mut("budget").and_then(|b| b.as_table_mut()) {
+            b.remove("sparsity");
+            b.remove("target_params");
+        }
+    }
+    let mut config = TrainConfig::parse(&toml::to_string(&table)?, &overrides)
+        .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))?;
+    if let Some(n) = o.max_steps {
+        anyhow::ensure!(n > 0, "--max-steps must be positive");
+        config.cut_to(n);
+    }
+    Ok(config)
+}
+
+struct TrainJob {
+    model: PathBuf,
+    config: TrainConfig,
+    calibration: CalibrationSet,
+    run_dir: PathBuf,
+    resume: bool,
+}
+
+impl AutodiffJob for TrainJob {
+    type Output = TrainSummary;
+    fn run<B: burn::tensor::backend::AutodiffBackend>(
+        self,
+        device: B::Device,
+    ) -> anyhow::Result<TrainSummary> {
+        progress::info(format!("loading {} ...", self.model.display()));
+        let model = Llama::<B>::load(&self.model, &device)?;
+        let steps = self.config.train.steps;
+        let pb = progress::bar("train", steps, "steps");
+        let plain = progress::plain_log();
+        let spec = RunSpec {
+            model_dir: &self.model,
+            config: &self.config,
+            calibration: &self.calibration,
+            run_dir: &self.run_dir,
+            resume: self.resume,
+        };
+        let dense = model.config.num_hidden_layers * model.config.layer_linear_params();
+        let summary = train(&model, &spec, &mut |r| {
+            pb.set_position(r.step);
+            let msg = format!(
+                "loss {:.4} s {:.2}/{:.0} sparsity {:.1}% (target {:.1}%)",
+                r.distill,
+                r.s_attention,
+                r.s_channels,
+                100.0 * (1.0 - r.params_achieved / dense as f64),
+                100.0 * (1.0 - r.params_target / dense as f64)
+            );
+            if plain && (r.step % 10 == 0 || r.step == r.steps) {
+                progress::info(format!(
+                    "train step {}/{}: {msg} ({:.1} s/step)",
+                    r.step, r.steps, r.seconds
+                ));
+            }
+            pb.set_message(msg);
+        })
+        .map_err(anyhow::Error::msg)?;
+        pb.finish_and_clear();
+        Ok(summary)
+    }
+}
+
+/// Prepares the run directory (refusing to clobber one) and returns the calibration set.
+fn prepare_run(
+    o: &TrainOptions,
+    config: &TrainConfig,
+    run_dir: &Path,
+) -> anyhow::Result<CalibrationSet> {
+    let calib_path = run_dir.join(files::CALIBRATION);
+    if o.resume {
+        anyhow::ensure!(
+            run_dir.join(files::CHECKPOINT).is_dir(),
+            "{}: no checkpoint to resume from",
+            run_dir.display()
+        );
+        let text = std::fs::read_to_string(&calib_path)
+            .with_context(|| format!("{}: cannot read", calib_path.display()))?;
+        return serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("{}: invalid calibration set: {e}", calib_path.display())
+        });
+    }
+    if run_dir.exists() {
+        anyhow::ensure!(
+            o.overwrite_run,
+            "{}: run directory already exists (pass --resume to continue it or --overwrite-run to replace it)",
+            run_dir.display()
+        );
+        std::fs::remove_dir_all(run_dir)
+            .with_context(|| format!("{}: cannot remove", run_dir.display()))?;
+    }
+    let calibration = match &o.calib {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read", p.display()))?;
+            serde_json::from_str::<CalibrationSet>(&text)
+                .map_err(|e| anyhow::anyhow!("{}: invalid calibration set: {e}", p.display()))?
+        }
+        None => {
+            let c = &config.calibration;
+            calib::build(
+                &o.model,
+                &c.dataset,
+                c.samples,
+                c.seq_len,
+                c.seed,
+                o.data_dir.as_deref(),
+            )?
+        }
+    };
+    let vocab = maskprune_model::ModelConfig::from_file(&o.model.join("config.json"))?.vocab_size;
+    if let Some(bad) = calibration
+        .samples
+        .iter()
+        .flatten()
+        .find(|&&t| t as usize >= vocab)
+    {
+        anyhow::bail!(
+            "calibration set has token id {bad} but the model's vocabulary has {vocab} entries (drawn with another tokenizer?)"
+        );
+    }
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("{}: cannot create", run_dir.display()))?;
+    write_file_atomically(&calib_path, &serde_json::to_vec(&calibration)?)?;
+    write_file_atomically(
+        &run_dir.join(files::CONFIG),
+        toml::to_string(config)?.as_bytes(),
+    )?;
+    Ok(calibration)
+}
+
+fn run_training(o: &TrainOptions, run_dir: &Path) -> anyhow::Result<TrainSummary> {
+    let config = if o.resume {
+        anyhow::ensure!(
+            run_dir.join(files::CHECKPOINT).join("state.json").is_file(),
+            "{}: no checkpoint to resume from (start the run without --resume)",
+            run_dir.display()
+        );
+        // The run's own resolved config, so a resumed run continues the same schedule.
+        let path = run_dir.join(files::CONFIG);
+        TrainConfig::from_file(&path, &[]).map_err(anyhow::Error::msg)?
+    } else {
+        let config = resolve_config(o)?;
+        // Impossible budgets fail before anything is written.
+        let model_config = maskprune_model::ModelConfig::from_file(&o.model.join("config.json"))?;
+        let b = &config.budget;
+        maskprune_train::Budget::new(
+            &model_config,
+            b.granularity,
+            b.round_to,
+            b.sparsity,
+            b.target_params,
+        )
+        .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))?;
+        config
+    };
+    let calibration = prepare_run(o, &config, run_dir)?;
+    let summary = dispatch_autodiff(
+        o.device,
+        TrainJob {
+            model: o.model.clone(),
+            config,
+            calibration,
+            run_dir: run_dir.to_path_buf(),
+            resume: o.resume,
+        },
+    )?;
+    let w = summary.widths;
+    println!(
+        "trained {} steps in {:.0} s: {} query heads / {} KV heads / {} channels in every layer; decoder-layer linear parameters {} -> {} (target {}); held-out KL {:.4} before extraction, {:.4} after (dense with LoRA {:.4}) -> {}",
+        summary.steps,
+        summary.train_seconds,
+        w.query_heads,
+        w.kv_heads,
+        w.channels,
+        summary.decoder_linear[0],
+        summary.decoder_linear[1],
+        summary.decoder_linear[2],
+        summary.loss_before_extraction,
+        summary.loss_after_extraction,
+        summary.loss_dense_with_lora,
+        run_dir.display()
+    );
+    Ok(summary)
+}
+
+pub fn train_masks(a: TrainArgs) -> anyhow::Result<()> {
+    run_training(&a.opts, &a.run_dir).map(|_| ())
+}
+
+pub fn prune(a: PruneArgs) -> anyhow::Result<()> {
+    if a.out.exists() && !a.overwrite {
+        anyhow::bail!(
+            "{}: output directory already exists (pass --overwrite to replace it)",
+            a.out.display()
+        );
+    }
+    let run_dir = a.run_dir.clone().unwrap_or_else(|| {
+        let mut name = a.out.file_name().unwrap_or_default().to_os_string();
+        name.push(".run");
+        a.out.with_file_name(name)
+    });
+    run_training(&a.opts, &run_dir)?;
+    let plan_path = run_dir.join(files::PLAN);
+    let plan: PrunePlan = serde_json::from_str(
+        &std::fs::read_to_string(&plan_path)
+            .with_context(|| format!("{}: cannot read", plan_path.display()))?,
+    )?;
+    let lora = run_dir.join(files::LORA);
+    let r = prune_checkpoint_with_lora(&a.opts.model, &plan, Some(&lora), &a.out, a.overwrite)?;
+    println!(
+        "wrote {}: {} -> {} parameters ({:.1}% of all removed)",
+        a.out.display(),
+        r.params_before,
+        r.params_after,
+        100.0 * (1.0 - r.params_after as f64 / r.params_before as f64)
+    );
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! `maskprune train-masks` / `prune` on the tiny fixture: a run killed with SIGKILL and
+//! resumed ends bit-identical to an uninterrupted one; bad training inputs are one-line errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_maskprune"))
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("maskprune-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A calibration file of random windows (vocabulary 288) and a config, in `dir`.
+fn inputs(dir: &Path, steps: u64, max_token: u64) -> (PathBuf, PathBuf) {
+    let mut x = 12345u64;
+    let samples: Vec<Vec<u64>> = (0..40)
+        .map(|_| {
+            (0..16)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (x >> 33) % max_token
+                })
+                .collect()
+        })
+        .collect();
+    let calib = serde_json::json!({
+        "dataset": "random", "file": "(generated)", "sha256": "", "documents": [0, 0], "seed": 0,
+        "seq_len": 16, "tokenizer_sha256": "", "samples": samples,
+    });
+    let calib_path = dir.join("calib.json");
+    std::fs::write(&calib_path, calib.to_string()).unwrap();
+    let config_path = dir.join("tiny.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[budget]\nsparsity = 0.5\nround_to = 16\n[train]\nsteps = {steps}\nbatch = 4\n\
+             warmup_steps = {}\ncheckpoint_every = 7\neval_samples = 4\n",
+            steps / 2
+        ),
+    )
+    .unwrap();
+    (calib_path, config_path)
+}
+
+fn train_args<'a>(config: &'a str, calib: &'a str, model: &'a str, run: &'a str) -> Vec<&'a str> {
+    vec![
+        "--quiet",
+        "train-masks",
+        "--config",
+        config,
+        "--calib",
+        calib,
+        "--model",
+        model,
+        "--run-dir",
+        run,
+    ]
+}
+
+#[test]
+fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+    let dir = scratch("resume");
+    let (calib, config) = inputs(&dir, 200, 288);
+    let s = |p: &Path| p.display().to_string();
+    let (calib, config, model) = (s(&calib), s(&config), s(&fixture()));
+    let (full, killed) = (dir.join("full"), dir.join("killed"));
+
+    let out = bin()
+        .args(train_args(&config, &calib, &model, &s(&full)))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut child = bin()
+        .args(train_args(&config, &calib, &model, &s(&killed)))
+        .spawn()
+        .unwrap();
+    let log = killed.join("log.jsonl");
+    let start = Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(&log)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if lines >= 60 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the run never got going"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !killed.join("summary.json").exists(),
+        "the run finished before it was killed; the test proves nothing"
+    );
+    assert!(killed.join("checkpoint/state.json").exists());
+
+    let out = bin()
+        .args(train_args(&config, &calib, &model, &s(&killed)))
+        .arg("--resume")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tensors = |p: PathBuf| {
+        let bytes = std::fs::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<(String, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.data().to_vec()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(
+        tensors(full.join("lora.safetensors")) == tensors(killed.join("lora.safetensors")),
+        "the adapters differ between the uninterrupted and the resumed run"
+    );
+    for f in ["masks.json", "plan.json"] {
+        assert!(
+            std::fs::read(full.join(f)).unwrap() == std::fs::read(killed.join(f)).unwrap(),
+            "{f} differs between the uninterrupted and the resumed run"
+        );
+    }
+    let log_full = std::fs::read_to_string(full.join("log.jsonl")).unwrap();
+    let log_killed = std::fs::read_to_string(killed.join("log.jsonl")).unwrap();
+    assert_eq!(log_killed.lines().count(), 200);
+    let strip = |t: &str| -> Vec<serde_json::Value> {
+        t.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("seconds");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(&log_full), strip(&log_killed), "the logs differ");
+}
+
+#[test]
+fn prune_runs_every_stage_and_refuses_to_clobber() {
+    let dir = scratch("prune");
+    let (calib, config) = inputs(&dir, 12, 288);
+    let s = |p: &Path| p.display().to_string();
+    let out = dir.join("pruned");
+    let args = [
+        "--quiet",
+        "prune",
+        "--config",
+        &s(&config),
+        "--calib",
+        &s(&calib),
+        "--model",
+        &s(&fixture()),
+        "--out",
+        &s(&out),
+    ];
+    let o = bin().args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(cfg["intermediate_size"].as_u64().unwrap() < 128);
+    let prov: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("maskprune.json")).unwrap())
+            .unwrap();
+    assert_eq!(prov["method"], "maskprune");
+    assert!(prov["lora_merged"].is_string());
+    assert!(dir.join("pruned.run/plan.json").exists());
+    let o = bin().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("already exists"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_training_inputs_are_one_line_errors() {
+    let dir = scratch("bad");
+    let (calib, config) = inputs(&dir, 10, 288);
+    let (bad_calib_dir, _) = (dir.join("other"), ());
+    std::fs::create_dir_all(&bad_calib_dir).unwrap();
+    let (foreign_calib, _) = inputs(&bad_calib_dir, 10, 50_000);
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "[budget]\nsparsity = 0.5\n[train]\nstepz = 3\n").unwrap();
+    let s = |p: &Path| p.display().to_string();
+    let (calib, config, model, typo, foreign) = (
+        s(&calib),
+        s(&config),
+        s(&fixture()),
+        s(&typo),
+        s(&foreign_calib),
+    );
+    let existing = dir.join("exists");
+    std::fs::create_dir_all(&existing).unwrap();
+    let (existing, fresh) = (s(&existing), s(&dir.join("fresh")));
+    let base = |run: &str| {
+        train_args(&config, &calib, &model, run)
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let with = |run: &str, extra: &[&str]| {
+        let mut v = base(run);
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            with(&fresh, &["--sparsity", "0.99"]),
+            "smallest uniform model",
+        ),
+        (with(&fresh, &["--sparsity", "1.5"]), "budget.sparsity"),
+        (with(&fresh, &["--target-params", "10"]), "impossible"),
+        (with(&fresh, &["--resume"]), "no checkpoint"),
+        (with(&existing, &[]), "already exists"),
+        (with(&fresh, &["--set", "train.batch=0"]), "train.batch"),
+        (with(&fresh, &["--set", "nonsense"]), "section.key=value"),
+        (with(&fresh, &["--max-steps", "0"]), "--max-steps"),
+        (
+            train_args(&typo, &calib, &model, &fresh)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            "stepz",
+        ),
+        (
+            train_args(&config, &foreign, &model, &fresh)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            "vocabulary",
+        ),
+        (
+            with(&fresh, &["--set", "train.eval_samples=38"]),
+            "calibration set has 40 windows",
+        ),
+    ];
+    for (args, needle) in cases {
+        let o = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -1,0 +1,20 @@
+//! Minimax mask training (MaskPrune): unit masks and the shared target widths learned
+//! together under per-layer uniformity constraints and a parameter budget, with LoRA
+//! adapters and distillation from the dense model. See `docs/method.md`.
+//!
+//! * [`config`]: the TOML configuration and its overrides;
+//! * [`minimax`]: the host-side primal and dual updates;
+//! * [`extract`]: the budget, the unit kinds, and the extraction of a uniform plan;
+//! * [`adapters`]: LoRA adapters with Adam, saved as safetensors;
+//! * [`trainer`]: the loop, the run directory, checkpoints and resume.
+
+pub mod adapters;
+pub mod config;
+pub mod extract;
+pub mod minimax;
+pub mod trainer;
+
+pub use adapters::Adapters;
+pub use config::TrainConfig;
+pub use extract::Budget;
+pub use trainer::{files, train, RunSpec, StepRecord, TrainSummary};

@@ -1,0 +1,140 @@
+//! Mask training on the tiny fixture: a uniform plan inside the budget, and surgery with the
+//! adapters merged computing exactly what the masked model with adapters computed.
+
+use burn::backend::Autodiff;
+use maskprune_data::{CalibrationSet, SplitMix64};
+use maskprune_eval::perplexity::token_tensor;
+use maskprune_model::{Llama, ModelConfig};
+use maskprune_surgery::{
+    decoder_linear_params, prune_checkpoint_with_lora, Granularity, PrunePlan,
+};
+use maskprune_tests::*;
+use maskprune_train::{files, train, Adapters, RunSpec, TrainConfig};
+
+type AD = Autodiff<B>;
+
+/// Random token windows (the tiny fixture's vocabulary has 288 entries).
+pub fn random_calibration(samples: usize, seq_len: usize) -> CalibrationSet {
+    let mut rng = SplitMix64(3);
+    CalibrationSet {
+        dataset: "random".into(),
+        file: "(generated)".into(),
+        sha256: String::new(),
+        documents: (0, 0),
+        seed: 3,
+        seq_len,
+        tokenizer_sha256: String::new(),
+        samples: (0..samples)
+            .map(|_| (0..seq_len).map(|_| rng.below(288) as u32).collect())
+            .collect(),
+    }
+}
+
+fn config(granularity: &str, init: &str) -> TrainConfig {
+    TrainConfig::parse(
+        &format!(
+            "[budget]\nsparsity = 0.5\ngranularity = \"{granularity}\"\nround_to = 16\n\
+             [train]\nsteps = 30\nbatch = 4\nwarmup_steps = 15\ncheckpoint_every = 10\neval_samples = 4\nlora_lr = 0.01\n\
+             mask_init = \"{init}\"\ninit_batches = 2\n\
+             [lora]\ntargets = [\"q_proj\", \"v_proj\", \"down_proj\"]\n"
+        ),
+        &[],
+    )
+    .unwrap()
+}
+
+fn check(granularity: &str, init: &str) {
+    let src = fixtures().join("tiny-llama");
+    let cfg = config(granularity, init);
+    let calib = random_calibration(24, 16);
+    let run = scratch(&format!("train-{granularity}")).join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let model = Llama::<AD>::load(&src, &Default::default()).unwrap();
+    let mut seen = 0;
+    let summary = train(
+        &model,
+        &RunSpec {
+            model_dir: &src,
+            config: &cfg,
+            calibration: &calib,
+            run_dir: &run,
+            resume: false,
+        },
+        &mut |_| seen += 1,
+    )
+    .unwrap();
+    assert_eq!(seen, 30);
+    let c = ModelConfig::from_file(&src.join("config.json")).unwrap();
+    // A uniform plan inside the budget.
+    let plan: PrunePlan =
+        serde_json::from_str(&std::fs::read_to_string(run.join(files::PLAN)).unwrap()).unwrap();
+    let shape = plan.validate(&c).unwrap();
+    assert_eq!(summary.widths.channels, shape.intermediate_size);
+    assert!(summary.decoder_linear[1] <= summary.decoder_linear[2]);
+    assert_eq!(
+        decoder_linear_params(&c, summary.widths),
+        summary.decoder_linear[1]
+    );
+    if granularity == "query_head" {
+        assert_eq!(plan.granularity, Granularity::QueryHead);
+        assert_eq!(shape.num_key_value_heads, c.num_key_value_heads);
+    }
+    let log = std::fs::read_to_string(run.join(files::LOG)).unwrap();
+    assert_eq!(log.lines().count(), 30);
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    for key in [
+        "distill",
+        "s_attention",
+        "s_channels",
+        "params_achieved",
+        "params_target",
+        "mu",
+        "y_channels",
+        "kept_channels",
+    ] {
+        assert!(!last[key].is_null(), "log lacks {key}");
+    }
+
+    // Surgery with the adapters merged = the masked model with the adapters.
+    let out = run.with_file_name("pruned");
+    prune_checkpoint_with_lora(&src, &plan, Some(&run.join(files::LORA)), &out, false).unwrap();
+    let adapters = Adapters::load(&run.join(files::LORA), &c, &cfg.lora).unwrap();
+    assert!(
+        adapters
+            .matrices
+            .iter()
+            .any(|m| m.name.ends_with("lora_b") && m.value.iter().any(|&v| v != 0.0)),
+        "the adapters never trained"
+    );
+    let base = Llama::<B>::load(&src, &Default::default()).unwrap();
+    let device = Default::default();
+    let (lora, _) = adapters.to_tensors::<B>(c.num_hidden_layers, &device, |t| t);
+    let masks = plan.masks::<B>(&c, &device);
+    let rows: Vec<&[u32]> = calib.samples[..3].iter().map(Vec::as_slice).collect();
+    let expected = values(
+        base.forward_with(token_tensor(&rows, &device), Some(&masks), Some(&lora))
+            .unwrap(),
+    );
+    let without_lora = values(
+        base.forward_with(token_tensor(&rows, &device), Some(&masks), None)
+            .unwrap(),
+    );
+    let pruned = Llama::<B>::load(&out, &device).unwrap();
+    let got = values(pruned.forward(token_tensor(&rows, &device)).unwrap());
+    let diff = max_abs_diff(&got, &expected);
+    assert!(diff < 1e-4, "pruned+merged vs masked+LoRA: {diff}");
+    assert!(
+        max_abs_diff(&got, &without_lora) > 1e-3,
+        "merging the adapters changed nothing"
+    );
+}
+
+#[test]
+fn kv_group_training_gives_a_uniform_plan_and_exact_surgery() {
+    check("kv_group", "fisher");
+}
+
+#[test]
+fn query_head_training_gives_a_uniform_plan_and_exact_surgery() {
+    check("query_head", "magnitude");
+}
