@@ -7,7 +7,8 @@
 #
 # Environment: MODEL (default: the imported SmolLM2), MAX_STEPS (cut the schedule),
 # MAX_WINDOWS (WikiText-2 windows; default all 2,382), WORK (pruned models and runs; default
-# ~/.cache/maskprune/runs), RESULTS (default results/smollm2-135m), EXTRA (more prune flags).
+# ~/.cache/maskprune/runs), RESULTS (default results/smollm2-135m), EXTRA (more prune flags),
+# REEXTRACT=1 (reuse a finished run in WORK: extraction, surgery and evaluation only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: scripts/prune-vs-magnitude.sh CONFIG [GRANULARITY]}
@@ -28,8 +29,15 @@ PPL=(--dataset wikitext2 --seq-len 128)
 [ -n "${MAX_WINDOWS:-}" ] && PPL+=(--max-windows "$MAX_WINDOWS")
 
 start=$(date +%s)
-"$BIN" prune --config "$CONFIG" --model "$MODEL" --out "$WORK/$TAG" --run-dir "$WORK/$TAG.run" \
-  --overwrite --overwrite-run "${FLAGS[@]}"
+if [ "${REEXTRACT:-0}" = 1 ] && [ -d "$WORK/$TAG.run/checkpoint" ]; then
+  # A finished run again: --resume goes straight to extraction with the current code.
+  "$BIN" train-masks --config "$CONFIG" --model "$MODEL" --run-dir "$WORK/$TAG.run" --resume
+  "$BIN" surgery --model "$MODEL" --plan "$WORK/$TAG.run/plan.json" \
+    --lora "$WORK/$TAG.run/lora.safetensors" --out "$WORK/$TAG" --overwrite
+else
+  "$BIN" prune --config "$CONFIG" --model "$MODEL" --out "$WORK/$TAG" --run-dir "$WORK/$TAG.run" \
+    --overwrite --overwrite-run "${FLAGS[@]}"
+fi
 prune_s=$(( $(date +%s) - start ))
 "$BIN" rank --model "$MODEL" --method magnitude --widths-from "$WORK/$TAG.run/plan.json" \
   --out "$WORK/$TAG-magnitude.plan.json"
@@ -54,7 +62,7 @@ work, tag, prune_s, out, config = sys.argv[1:6]
 load = lambda p: json.load(open(p))
 summary = load(f"{work}/{tag}.run/summary.json")
 row = {
-    "config": config, "tag": tag, "prune_wall_s": int(prune_s), "summary": summary,
+    "config": config, "tag": tag, "wall_s": int(prune_s), "summary": summary,
     "provenance": load(f"{work}/{tag}/maskprune.json")["params"],
     "wikitext2_128": {m: {k: load(f"{work}/{tag}-ppl-{m}.json")["result"][k] for k in ("ppl", "windows")}
                       for m in ("dense", "maskprune", "magnitude")},

@@ -51,7 +51,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if path.is_file() {
             let text =
                 std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
-            println!("provenance  {name}:\n{text}");
+            let mut value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
+            // Kept indices are per layer and long: summarised here, listed in the file.
+            if let Some(kept) = value.get_mut("kept") {
+                let layers = kept.as_array().map_or(0, Vec::len);
+                *kept =
+                    serde_json::json!(format!("{layers} layers of kept indices (see the file)"));
+            }
+            println!(
+                "provenance  {name}:\n{}",
+                serde_json::to_string_pretty(&value)?
+            );
         }
     }
     Ok(())

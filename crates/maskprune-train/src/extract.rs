@@ -138,32 +138,38 @@ impl Budget {
                     .sum::<f64>())
     }
 
-    /// Integer widths for the continuous `s`: attention rounded to a whole unit (a multiple of
-    /// the KV heads under `query_head`); the MLP then gets the largest multiple of `round_to`
-    /// channels the budget leaves (the continuous `s_f` sits on the same budget, so this is
-    /// its rounding, without the budget lost to rounding attention down). If even
-    /// `round_to` channels do not fit, attention steps down.
-    pub fn round_widths(&self, c: &ModelConfig, s: [f64; 2]) -> Widths {
+    /// The integer widths a continuous `s` can round to: attention rounded down and up to a
+    /// whole unit (a multiple of the KV heads under `query_head`); for each, the MLP gets the
+    /// largest multiple of `round_to` channels the budget leaves (the continuous `s_f` sits on
+    /// the same budget, so this is its rounding, without the budget lost to rounding
+    /// attention down). Attention widths that leave no room for `round_to` channels are
+    /// dropped; the smallest attention width always remains.
+    pub fn candidate_widths(&self, c: &ModelConfig, s: [f64; 2]) -> Vec<Widths> {
         let step = match self.granularity {
             Granularity::KvGroup => 1,
             Granularity::QueryHead => c.num_key_value_heads,
         };
         let units = self.kinds[ATTENTION].units;
-        let mut attention =
-            ((s[ATTENTION] / step as f64).round() as usize * step).clamp(step, units);
         let r = self.round_to;
         let max_channels = c.intermediate_size / r * r;
         let per_channel = decoder_linear_params(c, widths_for(c, self.granularity, 0, 1))
             - decoder_linear_params(c, widths_for(c, self.granularity, 0, 0));
-        loop {
+        let down = ((s[ATTENTION] / step as f64).floor() as usize * step).clamp(step, units);
+        let up = ((s[ATTENTION] / step as f64).ceil() as usize * step).clamp(step, units);
+        let mut out = Vec::new();
+        for attention in [down, up] {
             let attn = decoder_linear_params(c, widths_for(c, self.granularity, attention, 0));
             let room = self.target.saturating_sub(attn) / per_channel / r * r;
-            if room >= r || attention == step {
-                let channels = room.clamp(r, max_channels);
-                return widths_for(c, self.granularity, attention, channels);
+            let w = widths_for(c, self.granularity, attention, room.clamp(r, max_channels));
+            if (room >= r || attention == step) && !out.contains(&w) {
+                out.push(w);
             }
-            attention -= step;
         }
+        if out.is_empty() {
+            // Budget::new refused targets below one unit and round_to channels.
+            out.push(widths_for(c, self.granularity, step, r));
+        }
+        out
     }
 
     /// The plan keeping, in every layer, the top units by `|z|` at `widths` (within each KV
@@ -210,19 +216,29 @@ mod tests {
             assert!((total - 1.0).abs() < 1e-12);
             let dense_s = [b.kinds[0].units as f64, b.kinds[1].units as f64];
             assert!((b.params_at(dense_s) - b.dense as f64).abs() < 1.0);
-            let w = b.round_widths(&c, [2.2, 800.0]);
-            assert!(decoder_linear_params(&c, w) <= b.target);
-            assert_eq!(w.channels % 64, 0);
-            // No room for another 64 channels.
-            let more = Widths {
-                channels: w.channels + 64,
-                ..w
-            };
-            assert!(decoder_linear_params(&c, more) > b.target);
+            for w in b.candidate_widths(&c, [2.2, 800.0]) {
+                assert!(decoder_linear_params(&c, w) <= b.target);
+                assert_eq!(w.channels % 64, 0);
+                // No room for another 64 channels.
+                let more = Widths {
+                    channels: w.channels + 64,
+                    ..w
+                };
+                assert!(decoder_linear_params(&c, more) > b.target);
+            }
         }
+        let b = Budget::new(&c, Granularity::KvGroup, 64, Some(0.5), None).unwrap();
+        let kv: Vec<usize> = b
+            .candidate_widths(&c, [2.5, 600.0])
+            .iter()
+            .map(|w| w.kv_heads)
+            .collect();
+        assert_eq!(kv, vec![2, 3]);
+        assert_eq!(b.candidate_widths(&c, [2.0, 600.0]).len(), 1);
         let b = Budget::new(&c, Granularity::QueryHead, 64, Some(0.5), None).unwrap();
-        let w = b.round_widths(&c, [5.0, 700.0]);
-        assert_eq!((w.query_heads, w.kv_heads), (6, 3));
+        let w = b.candidate_widths(&c, [5.0, 700.0]);
+        assert_eq!((w[0].query_heads, w[0].kv_heads), (3, 3));
+        assert_eq!((w[1].query_heads, w[1].kv_heads), (6, 3));
     }
 
     #[test]

@@ -115,6 +115,8 @@ pub struct TrainSummary {
     pub loss_before_extraction: f64,
     /// The same with the extracted uniform plan.
     pub loss_after_extraction: f64,
+    /// The roundings of `s` considered and their held-out loss (the lowest was kept).
+    pub rounding: Vec<(Widths, f64)>,
     /// The same for the dense model with the trained adapters (the floor).
     pub loss_dense_with_lora: f64,
 }
@@ -137,6 +139,32 @@ fn err(path: &Path, m: impl std::fmt::Display) -> String {
     format!("{}: {m}", path.display())
 }
 
+/// What every part of a run shares.
+struct Context<'a, B: AutodiffBackend> {
+    model: &'a Llama<B>,
+    spec: &'a RunSpec<'a>,
+    budget: Budget,
+    train_idx: Vec<usize>,
+    eval_idx: Vec<usize>,
+    source_sha: String,
+}
+
+/// Where a run stands: the minimax state, the adapters, updates done, seconds spent.
+struct Progress {
+    state: MinimaxState,
+    adapters: Adapters,
+    step: u64,
+    seconds: f64,
+}
+
+/// The losses and gradients of one batch.
+struct Gradients {
+    distill: f64,
+    ntp: Option<f64>,
+    masks: [Vec<Vec<f32>>; 2],
+    lora: Vec<Vec<f32>>,
+}
+
 /// Trains masks, widths and adapters and writes the run directory; `on_step` sees every
 /// update (progress bars).
 pub fn train<B: AutodiffBackend>(
@@ -145,11 +173,8 @@ pub fn train<B: AutodiffBackend>(
     on_step: &mut dyn FnMut(&StepRecord),
 ) -> Result<TrainSummary, String> {
     let cfg = spec.config;
-    let c = &model.config;
-    let device = model.device();
-    let run = spec.run_dir;
     let budget = Budget::new(
-        c,
+        &model.config,
         cfg.budget.granularity,
         cfg.budget.round_to,
         cfg.budget.sparsity,
@@ -158,13 +183,77 @@ pub fn train<B: AutodiffBackend>(
     .map_err(|m| err(&spec.model_dir.join("config.json"), m))?;
     let (train_idx, eval_idx) = split_calibration(spec.calibration, cfg)?;
     let store = WeightStore::open(spec.model_dir).map_err(|e| e.to_string())?;
-    let source_sha = weights_sha256(&store);
-    let rates = &cfg.minimax;
-    let layers = c.num_hidden_layers;
+    let cx = Context {
+        model,
+        spec,
+        budget,
+        train_idx,
+        eval_idx,
+        source_sha: weights_sha256(&store),
+    };
+    let mut run = if spec.resume {
+        cx.resume()?
+    } else {
+        cx.start(&store)?
+    };
+    let log_path = spec.run_dir.join(files::LOG);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| err(&log_path, format!("cannot open: {e}")))?;
+    let mut last_checkpoint = run.step;
+    while run.step < cfg.train.steps {
+        let t0 = Instant::now();
+        let g = cx.gradients(&run)?;
+        for (term, v) in [("distillation", Some(g.distill)), ("next-token", g.ntp)] {
+            if let Some(v) = v.filter(|v| !v.is_finite()) {
+                return Err(format!(
+                    "{}: step {}: the {term} loss is {v}; training stopped. The last good checkpoint is {} (step {last_checkpoint}); lower the learning rates and continue with --resume",
+                    spec.run_dir.display(),
+                    run.step + 1,
+                    spec.run_dir.join(files::CHECKPOINT).display()
+                ));
+            }
+        }
+        let record = cx.apply(&mut run, &g, t0);
+        let line = serde_json::to_string(&record).expect("record serialises");
+        writeln!(log, "{line}").map_err(|e| err(&log_path, format!("cannot write: {e}")))?;
+        on_step(&record);
+        if run.step % cfg.train.checkpoint_every == 0 || run.step == cfg.train.steps {
+            log.flush()
+                .map_err(|e| err(&log_path, format!("cannot write: {e}")))?;
+            cx.checkpoint(&run)?;
+            last_checkpoint = run.step;
+        }
+    }
+    cx.finish(&run)
+}
 
-    // Start or resume.
-    let ckpt_dir = run.join(files::CHECKPOINT);
-    let (mut state, mut adapters, start, mut seconds) = if spec.resume {
+impl<B: AutodiffBackend> Context<'_, B> {
+    fn cfg(&self) -> &TrainConfig {
+        self.spec.config
+    }
+
+    /// A fresh run: initial masks, fresh adapters.
+    fn start(&self, store: &WeightStore) -> Result<Progress, String> {
+        let (c, cfg) = (&self.model.config, self.cfg());
+        let init = match cfg.train.mask_init {
+            MaskInit::Fisher => self.fisher_init()?,
+            _ => initial_masks(store, c, cfg, &self.budget)?,
+        };
+        Ok(Progress {
+            state: MinimaxState::new(init),
+            adapters: Adapters::new(c, &cfg.lora, cfg.train.seed),
+            step: 0,
+            seconds: 0.0,
+        })
+    }
+
+    /// The run directory's checkpoint, checked against this model; the log is cut back to it.
+    fn resume(&self) -> Result<Progress, String> {
+        let c = &self.model.config;
+        let ckpt_dir = self.spec.run_dir.join(files::CHECKPOINT);
         let text = std::fs::read_to_string(ckpt_dir.join("state.json")).map_err(|e| {
             err(
                 &ckpt_dir,
@@ -177,62 +266,48 @@ pub fn train<B: AutodiffBackend>(
                 format!("corrupt checkpoint: {e}"),
             )
         })?;
-        if s.weights_sha256 != source_sha {
+        if s.weights_sha256 != self.source_sha {
             return Err(err(
                 &ckpt_dir,
                 "the checkpoint was trained on different weights (masks from another model?)",
             ));
         }
-        if s.minimax.z[ATTENTION].len() != layers
-            || s.minimax.z[ATTENTION]
-                .iter()
-                .any(|z| z.len() != budget.kinds[ATTENTION].units)
-            || s.minimax.z[CHANNELS]
-                .iter()
-                .any(|z| z.len() != c.intermediate_size)
-        {
+        let units = [self.budget.kinds[ATTENTION].units, c.intermediate_size];
+        if (0..2).any(|t| {
+            s.minimax.z[t].len() != c.num_hidden_layers
+                || s.minimax.z[t].iter().any(|z| z.len() != units[t])
+        }) {
             return Err(err(
                 &ckpt_dir,
                 "the checkpoint's masks do not fit this model and granularity",
             ));
         }
-        let adapters = Adapters::load(&ckpt_dir.join(files::LORA), c, &cfg.lora)?;
-        truncate_log(&run.join(files::LOG), s.step)?;
-        (s.minimax, adapters, s.step, s.seconds)
-    } else {
-        let init = match cfg.train.mask_init {
-            MaskInit::Fisher => fisher_init(model, spec, &train_idx, &budget)?,
-            _ => initial_masks(&store, c, cfg, &budget)?,
-        };
-        (
-            MinimaxState::new(init),
-            Adapters::new(c, &cfg.lora, cfg.train.seed),
-            0,
-            0.0,
-        )
-    };
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run.join(files::LOG))
-        .map_err(|e| err(&run.join(files::LOG), format!("cannot open: {e}")))?;
+        let adapters = Adapters::load(&ckpt_dir.join(files::LORA), c, &self.cfg().lora)?;
+        truncate_log(&self.spec.run_dir.join(files::LOG), s.step)?;
+        Ok(Progress {
+            state: s.minimax,
+            adapters,
+            step: s.step,
+            seconds: s.seconds,
+        })
+    }
 
-    let steps = cfg.train.steps;
-    let target_fraction = budget.target_fraction();
-    let mut last_checkpoint = start;
-    for step in start..steps {
-        let t0 = Instant::now();
-        let batch = batch_rows(&train_idx, cfg, step);
+    /// Teacher logits, the masked student with adapters, the loss and its gradients for the
+    /// batch of update `run.step`.
+    fn gradients(&self, run: &Progress) -> Result<Gradients, String> {
+        let (model, cfg, c) = (self.model, self.cfg(), &self.model.config);
+        let device = model.device();
+        let batch = batch_rows(&self.train_idx, cfg, run.step);
         let rows: Vec<&[u32]> = batch
             .iter()
-            .map(|&i| spec.calibration.samples[i].as_slice())
+            .map(|&i| self.spec.calibration.samples[i].as_slice())
             .collect();
         let tokens = token_tensor::<B>(&rows, &device);
         let teacher = model
             .forward(tokens.clone())
             .map_err(|e| e.to_string())?
             .detach();
-        let masks = state.masks(rates);
+        let masks = run.state.masks(&cfg.minimax);
         let unit = UnitMasks::<B>::from_values(
             c,
             cfg.budget.granularity,
@@ -241,83 +316,89 @@ pub fn train<B: AutodiffBackend>(
             &device,
         )
         .require_grad();
-        let (lora, lora_flat) = adapters.to_tensors::<B>(layers, &device, Tensor::require_grad);
+        let (lora, lora_flat) =
+            run.adapters
+                .to_tensors::<B>(c.num_hidden_layers, &device, Tensor::require_grad);
         let student = model
             .forward_with(tokens.clone(), Some(&unit.layer_masks()), Some(&lora))
             .map_err(|e| e.to_string())?;
         let distill = distillation_kl(student.clone(), teacher, cfg.train.temperature);
         let (loss, ntp) = if cfg.train.ntp_weight > 0.0 {
             let ntp = next_token_loss(student, tokens);
-            let ntp_value: f64 = ntp.clone().into_scalar().elem();
+            let value: f64 = ntp.clone().into_scalar().elem();
             (
                 distill.clone() + ntp.mul_scalar(cfg.train.ntp_weight),
-                Some(ntp_value),
+                Some(value),
             )
         } else {
             (distill.clone(), None)
         };
-        let distill_value: f64 = distill.into_scalar().elem();
-        for (term, v) in [("distillation", Some(distill_value)), ("next-token", ntp)] {
-            if let Some(v) = v.filter(|v| !v.is_finite()) {
-                return Err(format!(
-                    "{}: step {}: the {term} loss is {v}; training stopped. The last good checkpoint is {} (step {last_checkpoint}); lower the learning rates and continue with --resume",
-                    run.display(),
-                    step + 1,
-                    ckpt_dir.display()
-                ));
-            }
-        }
+        let distill: f64 = distill.into_scalar().elem();
         let grads = loss.backward();
-        let to_host = |t: Option<Tensor<B::InnerBackend, 1>>, n: usize| -> Vec<f32> {
+        let host = |t: Option<Tensor<B::InnerBackend, 1>>, n: usize| -> Vec<f32> {
             t.map(|g| g.into_data().convert::<f32>().to_vec().expect("f32"))
                 .unwrap_or_else(|| vec![0.0; n])
         };
-        let mask_grads: [Vec<Vec<f32>>; 2] = [
+        let units = [self.budget.kinds[ATTENTION].units, c.intermediate_size];
+        let masks = [
             unit.attention
                 .iter()
-                .map(|m| to_host(m.grad(&grads), budget.kinds[ATTENTION].units))
+                .map(|m| host(m.grad(&grads), units[ATTENTION]))
                 .collect(),
             unit.channels
                 .iter()
-                .map(|m| to_host(m.grad(&grads), c.intermediate_size))
+                .map(|m| host(m.grad(&grads), units[CHANNELS]))
                 .collect(),
         ];
-        let lora_grads: Vec<Vec<f32>> = lora_flat
+        let lora = lora_flat
             .iter()
-            .zip(&adapters.matrices)
+            .zip(&run.adapters.matrices)
             .map(|(t, m)| {
                 t.grad(&grads)
                     .map(|g| g.into_data().convert::<f32>().to_vec().expect("f32"))
                     .unwrap_or_else(|| vec![0.0; m.value.len()])
             })
             .collect();
-        let scheduled = scheduled_target(target_fraction, step, cfg.train.warmup_steps);
-        let stats = state.update(
-            &mask_grads,
+        Ok(Gradients {
+            distill,
+            ntp,
+            masks,
+            lora,
+        })
+    }
+
+    /// The minimax and Adam updates; returns the log record.
+    fn apply(&self, run: &mut Progress, g: &Gradients, t0: Instant) -> StepRecord {
+        let (cfg, budget) = (self.cfg(), &self.budget);
+        let scheduled =
+            scheduled_target(budget.target_fraction(), run.step, cfg.train.warmup_steps);
+        let stats = run.state.update(
+            &g.masks,
             &budget.kinds,
-            rates,
+            &cfg.minimax,
             scheduled - budget.fixed_share,
         );
-        adapters.adam_step(&lora_grads, cfg.train.lora_lr);
+        run.adapters.adam_step(&g.lora, cfg.train.lora_lr);
+        run.step += 1;
         let dt = t0.elapsed().as_secs_f64();
-        seconds += dt;
+        run.seconds += dt;
         let y_stats = |t: usize| {
-            let y = &state.y[t];
+            let y = &run.state.y[t];
             [
                 y.iter().sum::<f64>() / y.len().max(1) as f64,
                 y.iter().cloned().fold(0.0, f64::max),
             ]
         };
         let dense = budget.dense as f64;
-        let record = StepRecord {
-            step: step + 1,
-            steps,
-            lagrangian: distill_value
-                + ntp.map_or(0.0, |v| v * cfg.train.ntp_weight)
+        StepRecord {
+            step: run.step,
+            steps: cfg.train.steps,
+            lagrangian: g.distill
+                + g.ntp.map_or(0.0, |v| v * cfg.train.ntp_weight)
                 + stats.uniformity_term
                 + stats.budget_term,
-            distill: distill_value,
-            ntp,
+            distill: g.distill,
+            ntp: g.ntp,
             uniformity_term: stats.uniformity_term,
             budget_term: stats.budget_term,
             s_attention: stats.s[ATTENTION],
@@ -326,108 +407,160 @@ pub fn train<B: AutodiffBackend>(
             params_achieved: dense * (stats.achieved_fraction + budget.fixed_share),
             params_target: dense * scheduled,
             params_final_target: budget.target,
-            mu: state.mu,
+            mu: run.state.mu,
             y_attention: y_stats(ATTENTION),
             y_channels: y_stats(CHANNELS),
             kept_attention: stats.kept[ATTENTION].clone(),
             kept_channels: stats.kept[CHANNELS].clone(),
             seconds: dt,
-        };
-        let line = serde_json::to_string(&record).expect("record serialises");
-        writeln!(log, "{line}")
-            .map_err(|e| err(&run.join(files::LOG), format!("cannot write: {e}")))?;
-        on_step(&record);
-        let done = step + 1;
-        if done % cfg.train.checkpoint_every == 0 || done == steps {
-            log.flush()
-                .map_err(|e| err(&run.join(files::LOG), format!("cannot write: {e}")))?;
-            let ck = CheckpointState {
-                step: done,
-                seconds,
-                weights_sha256: source_sha.clone(),
-                minimax: state.clone(),
-            };
-            write_dir_atomically(&ckpt_dir, true, |d| {
-                write_file_atomically(
-                    &d.join("state.json"),
-                    serde_json::to_string(&ck)
-                        .expect("state serialises")
-                        .as_bytes(),
-                )?;
-                adapters
-                    .save(&d.join(files::LORA), true)
-                    .map_err(|m| maskprune_model::ModelError::new(d, m))
-            })
-            .map_err(|e| e.to_string())?;
-            last_checkpoint = done;
         }
     }
 
-    // Extraction: exactly round_to(s) units in every layer, the top ones by |z|.
-    let s = std::array::from_fn(|t| state.width[t] * budget.kinds[t].units as f64);
-    let widths = budget.round_widths(c, s);
-    let plan = budget.extract(c, &state.z, widths, "maskprune");
-    let plan_masks = plan.masks::<B>(c, &device);
-    let final_masks = state.masks(rates);
-    let train_masks = UnitMasks::<B>::from_values(
-        c,
-        cfg.budget.granularity,
-        final_masks[ATTENTION].clone(),
-        final_masks[CHANNELS].clone(),
-        &device,
-    )
-    .layer_masks();
-    let (lora, _) = adapters.to_tensors::<B>(layers, &device, |t| t);
-    let eval_rows: Vec<&[u32]> = eval_idx
-        .iter()
-        .map(|&i| spec.calibration.samples[i].as_slice())
-        .collect();
-    let held_out = |masks: Option<&[LayerMask<B>]>| -> Result<f64, String> {
-        let mut total = 0.0;
-        for chunk in eval_rows.chunks(cfg.train.batch) {
-            let tokens = token_tensor::<B>(chunk, &device);
-            let teacher = model.forward(tokens.clone()).map_err(|e| e.to_string())?;
-            let student = model
-                .forward_with(tokens, masks, Some(&lora))
-                .map_err(|e| e.to_string())?;
-            let kl: f64 = distillation_kl(student, teacher, cfg.train.temperature)
-                .into_scalar()
-                .elem();
-            total += kl * chunk.len() as f64;
-        }
-        Ok(total / eval_rows.len() as f64)
-    };
-    let loss_before = held_out(Some(&train_masks))?;
-    let loss_after = held_out(Some(&plan_masks))?;
-    let loss_dense = held_out(None)?;
+    /// Replaces the checkpoint directory (atomically).
+    fn checkpoint(&self, run: &Progress) -> Result<(), String> {
+        let ck = CheckpointState {
+            step: run.step,
+            seconds: run.seconds,
+            weights_sha256: self.source_sha.clone(),
+            minimax: run.state.clone(),
+        };
+        write_dir_atomically(&self.spec.run_dir.join(files::CHECKPOINT), true, |d| {
+            write_file_atomically(
+                &d.join("state.json"),
+                serde_json::to_string(&ck)
+                    .expect("state serialises")
+                    .as_bytes(),
+            )?;
+            run.adapters
+                .save(&d.join(files::LORA), true)
+                .map_err(|m| maskprune_model::ModelError::new(d, m))
+        })
+        .map_err(|e| e.to_string())
+    }
 
-    let pruned_config = pruned_total_params(c, widths);
-    let summary = TrainSummary {
-        steps,
-        train_seconds: seconds,
-        granularity: cfg.budget.granularity,
-        widths,
-        s,
-        decoder_linear: [
-            budget.dense,
-            maskprune_surgery::decoder_linear_params(c, widths),
-            budget.target,
-        ],
-        total_params: [c.total_params(), pruned_config],
-        loss_before_extraction: loss_before,
-        loss_after_extraction: loss_after,
-        loss_dense_with_lora: loss_dense,
-    };
-    write_outputs(
-        run,
-        &state,
-        &final_masks,
-        &adapters,
-        &plan,
-        &summary,
-        &budget,
-    )?;
-    Ok(summary)
+    /// Extraction (exactly `round_to(s)` units in every layer, the top ones by |z|), the
+    /// extraction gap on the held-out windows, and the final files.
+    fn finish(&self, run: &Progress) -> Result<TrainSummary, String> {
+        let (model, cfg, c, budget) = (self.model, self.cfg(), &self.model.config, &self.budget);
+        let device = model.device();
+        let state = &run.state;
+        let s = std::array::from_fn(|t| state.width[t] * budget.kinds[t].units as f64);
+        let final_masks = state.masks(&cfg.minimax);
+        let train_masks = UnitMasks::<B>::from_values(
+            c,
+            cfg.budget.granularity,
+            final_masks[ATTENTION].clone(),
+            final_masks[CHANNELS].clone(),
+            &device,
+        )
+        .layer_masks();
+        let (lora, _) = run
+            .adapters
+            .to_tensors::<B>(c.num_hidden_layers, &device, |t| t);
+        let eval_rows: Vec<&[u32]> = self
+            .eval_idx
+            .iter()
+            .map(|&i| self.spec.calibration.samples[i].as_slice())
+            .collect();
+        let held_out = |masks: Option<&[LayerMask<B>]>| -> Result<f64, String> {
+            let mut total = 0.0;
+            for chunk in eval_rows.chunks(cfg.train.batch) {
+                let tokens = token_tensor::<B>(chunk, &device);
+                let teacher = model.forward(tokens.clone()).map_err(|e| e.to_string())?;
+                let student = model
+                    .forward_with(tokens, masks, Some(&lora))
+                    .map_err(|e| e.to_string())?;
+                let kl: f64 = distillation_kl(student, teacher, cfg.train.temperature)
+                    .into_scalar()
+                    .elem();
+                total += kl * chunk.len() as f64;
+            }
+            Ok(total / eval_rows.len() as f64)
+        };
+        // Rounding s: attention down or up (the MLP filling the budget either way); the
+        // rounding with the lower held-out loss is kept.
+        let mut candidates = Vec::new();
+        for widths in budget.candidate_widths(c, s) {
+            let plan = budget.extract(c, &state.z, widths, "maskprune");
+            let loss = held_out(Some(&plan.masks::<B>(c, &device)))?;
+            candidates.push((widths, loss, plan));
+        }
+        let best = candidates
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1 .1.total_cmp(&b.1 .1))
+            .map(|(i, _)| i)
+            .expect("at least one candidate");
+        let rounding: Vec<(Widths, f64)> = candidates.iter().map(|(w, l, _)| (*w, *l)).collect();
+        let (widths, loss_after, plan) = candidates.swap_remove(best);
+        let summary = TrainSummary {
+            steps: run.step,
+            train_seconds: run.seconds,
+            granularity: cfg.budget.granularity,
+            widths,
+            s,
+            decoder_linear: [
+                budget.dense,
+                maskprune_surgery::decoder_linear_params(c, widths),
+                budget.target,
+            ],
+            total_params: [c.total_params(), pruned_total_params(c, widths)],
+            loss_before_extraction: held_out(Some(&train_masks))?,
+            loss_after_extraction: loss_after,
+            rounding,
+            loss_dense_with_lora: held_out(None)?,
+        };
+        write_outputs(
+            self.spec.run_dir,
+            state,
+            &final_masks,
+            &run.adapters,
+            &plan,
+            &summary,
+            budget,
+        )?;
+        Ok(summary)
+    }
+
+    /// Initial `z` from the Fisher information of the masks: `sqrt(Σ_batches (∂NTP/∂b)²)`
+    /// at the dense model, over `init_batches` training batches, divided by the layer's mean.
+    fn fisher_init(&self) -> Result<[Vec<Vec<f32>>; 2], String> {
+        let (model, cfg, c) = (self.model, self.cfg(), &self.model.config);
+        let device = model.device();
+        let units = [self.budget.kinds[ATTENTION].units, c.intermediate_size];
+        let mut acc: [Vec<Vec<f64>>; 2] =
+            std::array::from_fn(|t| vec![vec![0.0; units[t]]; c.num_hidden_layers]);
+        for k in 0..cfg.train.init_batches.max(1) {
+            let batch = batch_rows(&self.train_idx, cfg, k);
+            let rows: Vec<&[u32]> = batch
+                .iter()
+                .map(|&i| self.spec.calibration.samples[i].as_slice())
+                .collect();
+            let tokens = token_tensor::<B>(&rows, &device);
+            let ones = UnitMasks::<B>::ones(c, cfg.budget.granularity, &device).require_grad();
+            let logits = model
+                .forward_masked(tokens.clone(), Some(&ones.layer_masks()))
+                .map_err(|e| e.to_string())?;
+            let grads = next_token_loss(logits, tokens).backward();
+            for (t, masks) in [&ones.attention, &ones.channels].into_iter().enumerate() {
+                for (l, m) in masks.iter().enumerate() {
+                    if let Some(g) = m.grad(&grads) {
+                        let g: Vec<f32> = g.into_data().convert::<f32>().to_vec().expect("f32");
+                        for (a, x) in acc[t][l].iter_mut().zip(g) {
+                            *a += (x as f64) * (x as f64);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(acc.map(|k| {
+            normalise_layers(
+                k.into_iter()
+                    .map(|l| l.into_iter().map(f64::sqrt).collect())
+                    .collect(),
+            )
+        }))
+    }
 }
 
 fn pruned_total_params(c: &maskprune_model::ModelConfig, w: Widths) -> usize {
@@ -476,7 +609,7 @@ fn write_outputs(
     .map_err(|e| e.to_string())
 }
 
-/// Initial `z`: ones, or each unit's weight norm divided by its layer's mean.
+/// Initial `z` without the model: ones, or each unit's weight norm divided by its layer's mean.
 fn initial_masks(
     store: &WeightStore,
     c: &maskprune_model::ModelConfig,
@@ -485,27 +618,19 @@ fn initial_masks(
 ) -> Result<[Vec<Vec<f32>>; 2], String> {
     let layers = c.num_hidden_layers;
     let units = [budget.kinds[ATTENTION].units, c.intermediate_size];
-    match cfg.train.mask_init {
-        MaskInit::Fisher => unreachable!("the Fisher initialisation needs the model"),
-        MaskInit::Ones => Ok(std::array::from_fn(|t| vec![vec![1.0; units[t]]; layers])),
-        MaskInit::Magnitude => {
-            let scores = magnitude_scores(store, c).map_err(|e| e.to_string())?;
-            let norm = |v: &[f64]| {
-                let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-                v.iter().map(|x| (x / mean) as f32).collect::<Vec<f32>>()
-            };
-            Ok([
-                scores
-                    .iter()
-                    .map(|s| match budget.granularity {
-                        Granularity::KvGroup => norm(&s.kv_groups),
-                        Granularity::QueryHead => norm(&s.query_heads),
-                    })
-                    .collect(),
-                scores.iter().map(|s| norm(&s.channels)).collect(),
-            ])
-        }
+    if cfg.train.mask_init == MaskInit::Ones {
+        return Ok(std::array::from_fn(|t| vec![vec![1.0; units[t]]; layers]));
     }
+    let scores = magnitude_scores(store, c).map_err(|e| e.to_string())?;
+    let attention = scores
+        .iter()
+        .map(|s| match budget.granularity {
+            Granularity::KvGroup => s.kv_groups.clone(),
+            Granularity::QueryHead => s.query_heads.clone(),
+        })
+        .collect();
+    let channels = scores.iter().map(|s| s.channels.clone()).collect();
+    Ok([normalise_layers(attention), normalise_layers(channels)])
 }
 
 /// Each layer's values divided by their mean (all ones when they are all zero).
@@ -518,50 +643,6 @@ fn normalise_layers(v: Vec<Vec<f64>>) -> Vec<Vec<f32>> {
                 .collect()
         })
         .collect()
-}
-
-/// Initial `z` from the Fisher information of the masks: `sqrt(Σ_batches (∂NTP/∂b)²)` at the
-/// dense model, over `init_batches` training batches, divided by the layer's mean.
-fn fisher_init<B: AutodiffBackend>(
-    model: &Llama<B>,
-    spec: &RunSpec,
-    train_idx: &[usize],
-    budget: &Budget,
-) -> Result<[Vec<Vec<f32>>; 2], String> {
-    let (c, cfg, device) = (&model.config, spec.config, model.device());
-    let units = [budget.kinds[ATTENTION].units, c.intermediate_size];
-    let mut acc: [Vec<Vec<f64>>; 2] =
-        std::array::from_fn(|t| vec![vec![0.0; units[t]]; c.num_hidden_layers]);
-    for k in 0..cfg.train.init_batches.max(1) {
-        let batch = batch_rows(train_idx, cfg, k);
-        let rows: Vec<&[u32]> = batch
-            .iter()
-            .map(|&i| spec.calibration.samples[i].as_slice())
-            .collect();
-        let tokens = token_tensor::<B>(&rows, &device);
-        let ones = UnitMasks::<B>::ones(c, cfg.budget.granularity, &device).require_grad();
-        let logits = model
-            .forward_masked(tokens.clone(), Some(&ones.layer_masks()))
-            .map_err(|e| e.to_string())?;
-        let grads = next_token_loss(logits, tokens).backward();
-        for (t, masks) in [&ones.attention, &ones.channels].into_iter().enumerate() {
-            for (l, m) in masks.iter().enumerate() {
-                if let Some(g) = m.grad(&grads) {
-                    let g: Vec<f32> = g.into_data().convert::<f32>().to_vec().expect("f32");
-                    for (a, x) in acc[t][l].iter_mut().zip(g) {
-                        *a += (x as f64) * (x as f64);
-                    }
-                }
-            }
-        }
-    }
-    Ok(acc.map(|k| {
-        normalise_layers(
-            k.into_iter()
-                .map(|l| l.into_iter().map(f64::sqrt).collect())
-                .collect(),
-        )
-    }))
 }
 
 /// Training and held-out sample indices: the last `eval_samples` windows are held out.
