@@ -108,12 +108,13 @@ def main():
     ppl = math.exp(nll / count)
     print(f"{a.dataset} ppl {ppl:.4f} (seq_len {a.seq_len}, {n} windows, {count} predicted tokens, "
           f"{ids.numel()} text tokens, {n * a.seq_len / secs:.0f} tokens/s, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads)")
+          f"{torch.get_num_threads()} threads, {type(model).__name__})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"dataset": a.dataset, "seq_len": a.seq_len, "windows": n, "text_tokens": ids.numel(),
                        "predicted_tokens": count, "mean_nll": nll / count, "ppl": ppl, "seconds": secs,
-                       "implementation": f"transformers (torch {torch.__version__})"}, f, indent=2)
+                       "implementation": f"transformers (torch {torch.__version__})",
+                       "model_class": type(model).__name__}, f, indent=2)
 
 
 if __name__ == "__main__":
