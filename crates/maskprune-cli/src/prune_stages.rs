@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use maskprune_model::{output::write_file_atomically, ModelConfig, WeightStore};
+use maskprune_surgery::rank::plan_from_scores;
 use maskprune_surgery::{
-    magnitude_plan, prune_checkpoint_with_lora, uniform_widths, Granularity, PrunePlan, Widths,
+    magnitude_plan, prune_checkpoint_with_lora, uniform_widths, Granularity, LayerScores,
+    PrunePlan, Widths,
 };
 
 use crate::progress;
@@ -17,9 +19,12 @@ pub struct RankArgs {
     /// Model directory.
     #[arg(long)]
     model: PathBuf,
-    /// Ranking method (one-shot): magnitude (L2 norm of each unit's weights).
-    #[arg(long, default_value = "magnitude", value_parser = ["magnitude"])]
+    /// Ranking method (one-shot): magnitude (L2 norm of each unit's weights) or random.
+    #[arg(long, default_value = "magnitude", value_parser = ["magnitude", "random"])]
     method: String,
+    /// Seed of the random ranking.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Fraction of the decoder layers' linear parameters to remove.
     #[arg(long, required_unless_present = "widths_from")]
     sparsity: Option<f64>,
@@ -61,7 +66,16 @@ pub fn rank(a: RankArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --sparsity or --widths-from"),
     };
     let store = WeightStore::open(&a.model)?;
-    let plan = magnitude_plan(&store, &config, granularity, widths)?;
+    let plan = match a.method.as_str() {
+        "random" => plan_from_scores(
+            &random_scores(&config, a.seed),
+            &config,
+            granularity,
+            widths,
+            "random",
+        ),
+        _ => magnitude_plan(&store, &config, granularity, widths)?,
+    };
     write_file_atomically(&a.out, &serde_json::to_vec_pretty(&plan)?)?;
     println!(
         "{} plan: {} query heads / {} KV heads / {} channels per layer -> {}",
@@ -121,4 +135,17 @@ fn read_plan(path: &std::path::Path) -> anyhow::Result<PrunePlan> {
         .with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: invalid prune plan: {e}", path.display()))
+}
+
+/// Uniform random scores for every unit (the `random` baseline), seeded.
+fn random_scores(c: &ModelConfig, seed: u64) -> Vec<LayerScores> {
+    let mut rng = maskprune_data::SplitMix64(seed);
+    let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.next_u64() as f64).collect() };
+    (0..c.num_hidden_layers)
+        .map(|_| LayerScores {
+            query_heads: draw(c.num_attention_heads),
+            kv_groups: draw(c.num_key_value_heads),
+            channels: draw(c.intermediate_size),
+        })
+        .collect()
 }

@@ -311,3 +311,67 @@ fn zeroshot_scores_and_resumes() {
         "{stdout}"
     );
 }
+
+#[test]
+fn random_ranking_is_seeded_and_takes_the_widths_of_another_plan() {
+    let dir = scratch("random");
+    let model = fixtures().join("tiny-llama");
+    let s = |p: &Path| p.display().to_string();
+    let magnitude = dir.join("magnitude.json");
+    let (code, _, stderr) = maskprune(&[
+        "rank",
+        "--model",
+        &s(&model),
+        "--sparsity",
+        "0.5",
+        "--round-to",
+        "16",
+        "--granularity",
+        "query_head",
+        "--out",
+        &s(&magnitude),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let plan = |seed: &str, name: &str| -> serde_json::Value {
+        let out = dir.join(name);
+        let (code, _, stderr) = maskprune(&[
+            "rank",
+            "--model",
+            &s(&model),
+            "--method",
+            "random",
+            "--seed",
+            seed,
+            "--widths-from",
+            &s(&magnitude),
+            "--out",
+            &s(&out),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+    };
+    let (a, b, c) = (
+        plan("1", "a.json"),
+        plan("1", "b.json"),
+        plan("2", "c.json"),
+    );
+    assert_eq!(a, b, "the same seed gives the same plan");
+    assert_ne!(a["layers"], c["layers"], "another seed gives another plan");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&magnitude).unwrap()).unwrap();
+    assert_eq!(a["method"], "random");
+    assert_eq!(a["granularity"], m["granularity"]);
+    for (x, y) in a["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(m["layers"].as_array().unwrap())
+    {
+        for key in ["query_heads", "kv_heads", "channels"] {
+            assert_eq!(
+                x[key].as_array().unwrap().len(),
+                y[key].as_array().unwrap().len()
+            );
+        }
+    }
+}
