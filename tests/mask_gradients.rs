@@ -4,9 +4,10 @@
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Tensor, TensorData};
 use maskprune_eval::perplexity::token_tensor;
-use maskprune_mask::{distillation_kl, Granularity, LoraConfig, LoraSet, UnitMasks};
+use maskprune_mask::{distillation_kl, Granularity, UnitMasks};
 use maskprune_model::{LayerMask, Llama};
 use maskprune_tests::*;
+use maskprune_train::{config::LoraSettings, Adapters};
 
 type AD = Autodiff<NdArray>;
 
@@ -41,11 +42,13 @@ fn masks_and_lora_get_gradients_and_frozen_weights_do_not() {
         &device,
     )
     .require_grad();
-    let lora = LoraSet::<AD>::new(&model.config, &LoraConfig::default(), &device)
-        .unwrap()
-        .require_grad();
+    let (lora, _) = Adapters::new(&model.config, &LoraSettings::default(), 0).to_tensors::<AD>(
+        model.config.num_hidden_layers,
+        &device,
+        Tensor::require_grad,
+    );
     let student = model
-        .forward_with(tokens, Some(&masks.layer_masks()), Some(&lora.layers))
+        .forward_with(tokens, Some(&masks.layer_masks()), Some(&lora))
         .unwrap();
     let loss = distillation_kl(student, teacher, 2.0);
     let grads = loss.backward();
@@ -59,7 +62,7 @@ fn masks_and_lora_get_gradients_and_frozen_weights_do_not() {
         assert!(g.iter().any(|v| *v != 0.0) && g.iter().all(|v| v.is_finite()));
     }
     // With B = 0 at the start, only B receives a gradient.
-    let b = &lora.layers[0].q_proj.as_ref().unwrap().b;
+    let b = &lora[0].q_proj.as_ref().unwrap().b;
     assert!(b.grad(&grads).unwrap().abs().sum().into_scalar() > 0.0);
     assert!(
         model.layers[0]

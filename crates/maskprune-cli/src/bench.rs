@@ -89,7 +89,8 @@ impl AutodiffJob for TrainStepJob {
         self,
         device: B::Device,
     ) -> anyhow::Result<serde_json::Value> {
-        use maskprune_mask::{distillation_kl, Granularity, LoraConfig, LoraSet, UnitMasks};
+        use maskprune_mask::{distillation_kl, Granularity, UnitMasks};
+        use maskprune_train::{config::LoraSettings, Adapters};
         let TrainStepJob(dir, shapes, warmup, repeats) = self;
         let model = Llama::<B>::load(&dir, &device)?;
         let config = model.config.clone();
@@ -98,9 +99,11 @@ impl AutodiffJob for TrainStepJob {
             let tokens = random_rows(batch, len, config.vocab_size as u64);
             let rows: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
             let masks = UnitMasks::<B>::ones(&config, Granularity::KvGroup, &device).require_grad();
-            let lora = LoraSet::<B>::new(&config, &LoraConfig::default(), &device)
-                .map_err(anyhow::Error::msg)?
-                .require_grad();
+            let (lora, _) = Adapters::new(&config, &LoraSettings::default(), 0).to_tensors::<B>(
+                config.num_hidden_layers,
+                &device,
+                burn::tensor::Tensor::require_grad,
+            );
             let mut times = Vec::new();
             for i in 0..warmup + repeats {
                 let start = Instant::now();
@@ -108,7 +111,7 @@ impl AutodiffJob for TrainStepJob {
                 let student = model.forward_with(
                     token_tensor(&rows, &device),
                     Some(&masks.layer_masks()),
-                    Some(&lora.layers),
+                    Some(&lora),
                 )?;
                 let loss = distillation_kl(student, teacher, 2.0);
                 let grads = loss.backward();
