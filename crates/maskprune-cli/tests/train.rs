@@ -1,23 +1,19 @@
 //! `maskprune train-masks` / `prune` on the tiny fixture: a run killed with SIGKILL and
 //! resumed ends bit-identical to an uninterrupted one; bad training inputs are one-line errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_maskprune"))
-}
+use common::{assert_success, bin, fixtures};
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama")
+    fixtures().join("tiny-llama")
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("maskprune-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("train", name)
 }
 
 /// A calibration file of random windows (vocabulary 288) and a config, in `dir`.
@@ -79,11 +75,7 @@ fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
         .args(train_args(&config, &calib, &model, &s(&full)))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 
     let mut child = bin()
         .args(train_args(&config, &calib, &model, &s(&killed)))
@@ -117,11 +109,7 @@ fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
         .arg("--resume")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let tensors = |p: PathBuf| {
         let bytes = std::fs::read(p).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -177,7 +165,7 @@ fn prune_runs_every_stage_and_refuses_to_clobber() {
         &s(&out),
     ];
     let o = bin().args(args).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_success(&o);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert!(cfg["intermediate_size"].as_u64().unwrap() < 128);
