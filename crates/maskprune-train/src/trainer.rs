@@ -678,18 +678,28 @@ fn split_calibration(
 fn batch_rows(train: &[usize], cfg: &TrainConfig, step: u64) -> Vec<usize> {
     let b = cfg.train.batch;
     let n = train.len();
+    let mut shuffled: Option<(usize, Vec<usize>)> = None;
     (0..b)
         .map(|k| {
             let pos = step as usize * b + k;
             let (epoch, i) = (pos / n, pos % n);
-            let mut order: Vec<usize> = train.to_vec();
-            let mut rng = SplitMix64(cfg.train.seed.wrapping_add(0x5EED_0000 + epoch as u64));
-            for j in (1..n).rev() {
-                order.swap(j, rng.below(j + 1));
+            // A batch spans at most two epochs: shuffle once per epoch, not once per window.
+            if shuffled.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                shuffled = Some((epoch, epoch_order(train, cfg.train.seed, epoch)));
             }
-            order[i]
+            shuffled.as_ref().expect("just set").1[i]
         })
         .collect()
+}
+
+/// The training windows in the seeded order of `epoch` (Fisher-Yates).
+fn epoch_order(train: &[usize], seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order = train.to_vec();
+    let mut rng = SplitMix64(seed.wrapping_add(0x5EED_0000 + epoch as u64));
+    for j in (1..order.len()).rev() {
+        order.swap(j, rng.below(j + 1));
+    }
+    order
 }
 
 /// Drops log lines past the checkpoint's step (they are recomputed on resume).
