@@ -17,7 +17,7 @@ mkdir -p "$(dirname "$OUT")"
 tmp=$(mktemp -d)
 EXTRA=()
 [ "${TRAIN_STEP:-0}" = 1 ] && EXTRA=(--train-step)
-"${CARGO_TARGET_DIR:-target}/release/maskprune" bench --model "$MODEL" --shapes "$SHAPES" --repeats "$REPEATS" "${EXTRA[@]}" --json "$tmp/ours.json"
+"${CARGO_TARGET_DIR:-target}/release/maskprune" bench --model "$MODEL" --shapes "$SHAPES" --decode none --repeats "$REPEATS" "${EXTRA[@]}" --json "$tmp/ours.json"
 if "$PYTHON" -c "import torch, transformers" 2>/dev/null; then
   "$PYTHON" scripts/bench_forward_torch.py --model "$MODEL" --shapes "$SHAPES" --repeats "$REPEATS" --threads "$(nproc)" --json "$tmp/torch.json"
 else
@@ -34,7 +34,7 @@ if os.path.exists(tp):
     report["torch"] = torch
     report["ratio_ours_over_torch_tokens_per_s"] = {
         f"{o['batch']}x{o['seq_len']}": o["tokens_per_s"] / t["tokens_per_s"]
-        for o, t in zip(ours["results"], torch["results"])
+        for o, t in zip(ours["prefill"], torch["results"])
     }
     for k, v in report["ratio_ours_over_torch_tokens_per_s"].items():
         print(f"{k}: maskprune / torch tokens/s = {v:.2f}")

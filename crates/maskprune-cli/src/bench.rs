@@ -1,11 +1,12 @@
-//! `maskprune bench`: dense forward (prefill) throughput at given shapes, as JSON.
+//! `maskprune bench`: size, MACs, peak memory, prefill and KV-cache decode throughput of a
+//! model, optionally next to a baseline (each measured in its own process), as JSON.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use maskprune_eval::perplexity::token_tensor;
-use maskprune_model::{output::write_file_atomically, Llama};
+use maskprune_model::{output::write_file_atomically, KvCache, Llama};
 use serde_json::json;
 
 use crate::backend::{dispatch, dispatch_autodiff, AutodiffJob, BackendJob};
@@ -17,9 +18,17 @@ pub struct Args {
     /// Model directory.
     #[arg(long)]
     model: PathBuf,
-    /// Shapes BATCHxLEN, comma separated.
-    #[arg(long, default_value = "1x1024,4x256")]
+    /// Compare with this model (e.g. the dense original): both are measured, each in its own
+    /// process, and the report has the ratios model / baseline.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Prefill shapes BATCHxLEN, comma separated.
+    #[arg(long, default_value = "1x512,4x256")]
     shapes: String,
+    /// Decode with a KV cache: BATCHxPROMPT+NEW (prefill PROMPT tokens, then NEW greedy
+    /// tokens one at a time); `none` to skip.
+    #[arg(long, default_value = "1x128+128")]
+    decode: String,
     /// Untimed runs per shape.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -51,11 +60,150 @@ fn parse_shapes(s: &str) -> anyhow::Result<Vec<(usize, usize)>> {
         .collect()
 }
 
+/// `BATCHxPROMPT+NEW`, or `none`.
+fn parse_decode(s: &str) -> anyhow::Result<Option<(usize, usize, usize)>> {
+    if s == "none" {
+        return Ok(None);
+    }
+    let bad = || anyhow::anyhow!("--decode `{s}` is not BATCHxPROMPT+NEW (e.g. 1x128+128) or none");
+    let (shape, new) = s.split_once('+').ok_or_else(bad)?;
+    let (b, p) = parse_shapes(shape).map_err(|_| bad())?[0];
+    let new: usize = new.parse().map_err(|_| bad())?;
+    anyhow::ensure!(new > 0, "--decode `{s}`: NEW must be positive");
+    Ok(Some((b, p, new)))
+}
+
+/// The largest resident set size of this process so far (Linux; 0 elsewhere).
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Greedy decoding with a KV cache: prefill `prompt` tokens, then `new` tokens one at a time.
+fn decode<B: Backend>(
+    model: &Llama<B>,
+    batch: usize,
+    prompt: usize,
+    new: usize,
+    device: &B::Device,
+) -> anyhow::Result<serde_json::Value> {
+    let tokens = random_rows(batch, prompt, model.config.vocab_size as u64);
+    let rows: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let start = Instant::now();
+    let logits = model.forward_cached(token_tensor(&rows, device), &mut cache)?;
+    let mut next = logits
+        .narrow(1, prompt - 1, 1)
+        .argmax(2)
+        .reshape([batch, 1]);
+    let _ = next.clone().sum().into_scalar();
+    let prefill_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for _ in 0..new {
+        let logits = model.forward_cached(next, &mut cache)?;
+        next = logits.argmax(2).reshape([batch, 1]);
+    }
+    let _ = next.sum().into_scalar();
+    let decode_s = start.elapsed().as_secs_f64();
+    let tps = (batch * new) as f64 / decode_s;
+    println!(
+        "decode {batch}x{prompt}+{new}: {tps:.1} tokens/s ({:.1} ms/token step, KV cache)",
+        1e3 * decode_s / new as f64
+    );
+    Ok(
+        json!({"batch": batch, "prompt": prompt, "new_tokens": new, "prefill_s": prefill_s,
+              "decode_s": decode_s, "tokens_per_s": tps}),
+    )
+}
+
 struct Job(Args, Vec<(usize, usize)>);
 struct TrainStepJob(PathBuf, Vec<(usize, usize)>, usize, usize);
 
+/// Runs this same program as `bench` on one model and returns its report.
+fn bench_in_child(a: &Args, model: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let tmp = std::env::temp_dir().join(format!("maskprune-bench-{}.json", std::process::id()));
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("bench")
+        .arg("--model")
+        .arg(model)
+        .args(["--shapes", &a.shapes, "--decode", &a.decode])
+        .args([
+            "--warmup",
+            &a.warmup.to_string(),
+            "--repeats",
+            &a.repeats.to_string(),
+        ])
+        .args(["--device", &a.run.device.to_string()])
+        .arg("--json")
+        .arg(&tmp);
+    if progress::quiet() {
+        cmd.arg("--quiet");
+    }
+    let status = cmd.status()?;
+    anyhow::ensure!(
+        status.success(),
+        "{}: the benchmark failed",
+        model.display()
+    );
+    let report = serde_json::from_str(&std::fs::read_to_string(&tmp)?)?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(report)
+}
+
+/// `model / baseline` for every throughput and size figure both reports have.
+fn ratios(model: &serde_json::Value, base: &serde_json::Value) -> serde_json::Value {
+    let ratio = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_f64(), b.as_f64()) {
+        (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+        _ => serde_json::Value::Null,
+    };
+    let mut out = serde_json::Map::new();
+    for key in ["params", "macs_per_token_linear", "peak_rss_bytes"] {
+        out.insert(key.into(), ratio(&model[key], &base[key]));
+    }
+    if let (Some(m), Some(b)) = (model["prefill"].as_array(), base["prefill"].as_array()) {
+        for (m, b) in m.iter().zip(b) {
+            let name = format!("prefill_{}x{}_tokens_per_s", m["batch"], m["seq_len"]);
+            out.insert(name, ratio(&m["tokens_per_s"], &b["tokens_per_s"]));
+        }
+    }
+    out.insert(
+        "decode_tokens_per_s".into(),
+        ratio(
+            &model["decode"]["tokens_per_s"],
+            &base["decode"]["tokens_per_s"],
+        ),
+    );
+    serde_json::Value::Object(out)
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(base) = args.baseline.clone() {
+        anyhow::ensure!(
+            !args.train_step,
+            "--train-step measures one model; drop --baseline"
+        );
+        let model = bench_in_child(&args, &args.model)?;
+        let baseline = bench_in_child(&args, &base)?;
+        let r = ratios(&model, &baseline);
+        println!("model / baseline: {}", serde_json::to_string(&r)?);
+        let report = json!({"model": model, "baseline": baseline, "ratio": r});
+        if let Some(p) = &args.json {
+            write_file_atomically(p, &serde_json::to_vec_pretty(&report)?)?;
+            progress::info(format!("wrote {}", p.display()));
+        }
+        return Ok(());
+    }
     let shapes = parse_shapes(&args.shapes)?;
+    parse_decode(&args.decode)?;
     let (device, train) = (args.run.device, args.train_step);
     let job = TrainStepJob(
         args.model.clone(),
@@ -163,13 +311,27 @@ impl BackendJob for Job {
             );
             rows_out.push(json!({"batch": batch, "seq_len": len, "seconds": times, "median_s": median, "tokens_per_s": tps}));
         }
+        let decoded = match parse_decode(&a.decode)? {
+            Some((b, p, n)) => decode(&model, b, p, n, &device)?,
+            None => serde_json::Value::Null,
+        };
+        let c = &model.config;
+        // Multiply-accumulates per token: every linear weight once (decoder layers and LM
+        // head), plus attention's QK and PV products, 2·heads·head_dim per context position.
+        let decoder_linear = c.num_hidden_layers * c.layer_linear_params();
+        let macs_linear = decoder_linear + c.hidden_size * c.vocab_size;
+        let per_position = c.num_hidden_layers * 2 * c.num_attention_heads * c.head_dim;
         let report = json!({
-            "bench": "dense_forward",
+            "bench": "forward",
             "model": a.model,
             "params": model.config.total_params(),
+            "macs_per_token_linear": macs_linear,
+            "attention_macs_per_token_per_context_position": per_position,
             "backend": format!("burn {} ({})", a.run.device, std::any::type_name::<B>()),
             "threads": available_threads(),
-            "results": rows_out,
+            "prefill": rows_out,
+            "decode": decoded,
+            "peak_rss_bytes": peak_rss_bytes(),
         });
         Ok(report)
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::backend::Backend;
 use maskprune_data::data_dir_candidates;
 use maskprune_eval::zeroshot::{
-    encode_pair, read_documents, score_requests, task_metrics, Request,
+    encode_pair, read_documents, score_documents, score_requests, task_metrics, Request,
 };
 use maskprune_model::{
     load_tokenizer, output::write_file_atomically, weights_sha256, Llama, ModelConfig, WeightStore,
@@ -58,6 +58,10 @@ pub struct Args {
     /// Also write every choice's log-likelihood here (JSONL, one line per document).
     #[arg(long)]
     dump_scores: Option<PathBuf>,
+    /// Run every (context, continuation) pair whole instead of computing a context shared by
+    /// a document's choices once (same scores to float rounding; for checking).
+    #[arg(long)]
+    no_shared_context: bool,
     #[command(flatten)]
     run: RunOptions,
 }
@@ -199,8 +203,14 @@ impl BackendJob for Job {
                     });
                 }
             }
+            let started = std::time::Instant::now();
             let pb = progress::bar(task, requests.len() as u64, "requests");
-            let scores = score_requests(&model, &requests, a.batch, a.max_len, None, &mut |d| {
+            let score = if a.no_shared_context {
+                score_requests
+            } else {
+                score_documents
+            };
+            let scores = score(&model, &requests, a.batch, a.max_len, None, &mut |d| {
                 pb.set_position(d as u64)
             })?;
             pb.finish_and_clear();
@@ -215,6 +225,7 @@ impl BackendJob for Job {
                 result.acc, result.acc_stderr, result.acc_norm, result.acc_norm_stderr, result.n
             );
             report["tasks"][*task] = serde_json::to_value(&result)?;
+            report["tasks"][*task]["seconds"] = json!(started.elapsed().as_secs_f64());
             if a.dump_scores.is_some() {
                 dump.extend(
                     per_doc

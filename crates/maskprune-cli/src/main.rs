@@ -11,6 +11,7 @@ mod import;
 mod inspect;
 mod progress;
 mod prune_stages;
+mod table;
 mod train;
 
 use std::path::PathBuf;
@@ -57,8 +58,10 @@ enum Command {
     TrainMasks(train::TrainArgs),
     /// Apply a prune plan: slice the weights and write a smaller standard checkpoint.
     Surgery(prune_stages::SurgeryArgs),
-    /// Every stage at once: calibration, mask training, surgery.
+    /// Every stage at once: calibration, mask training (or a one-shot baseline), surgery.
     Prune(train::PruneArgs),
+    /// Collect finished result rows into table.json, table.csv and table.md.
+    Table(table::Args),
 }
 
 #[derive(Subcommand)]
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
         Command::Surgery(a) => prune_stages::surgery(a),
         Command::TrainMasks(a) => train::train_masks(a),
         Command::Prune(a) => train::prune(a),
+        Command::Table(a) => table::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,13 +4,18 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use maskprune_baselines::Method;
 use maskprune_data::CalibrationSet;
 use maskprune_model::output::write_file_atomically;
 use maskprune_model::Llama;
-use maskprune_surgery::{prune_checkpoint_with_lora, Granularity, PrunePlan};
+use maskprune_surgery::rank::plan_from_scores;
+use maskprune_surgery::{
+    mask_checkpoint_with_lora, prune_checkpoint_with_lora, uniform_widths, Granularity, PrunePlan,
+};
 use maskprune_train::{files, train, RunSpec, TrainConfig, TrainSummary};
 
 use crate::backend::{dispatch_autodiff, AutodiffJob, DeviceArg};
+use crate::prune_stages::{read_scores, widths_of_plan, write_scores, ScoreJob};
 use crate::{calib, progress};
 
 /// Options shared by `train-masks` and `prune`.
@@ -78,6 +83,43 @@ pub struct PruneArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     overwrite: bool,
+    /// Pruning method: maskprune (learned masks, uniform widths), maskprune-nonuniform (the
+    /// same minimax with a free width per layer; written as a masked checkpoint of the
+    /// original shape), or a one-shot baseline: random, magnitude, wanda-sp, flap, taylor.
+    #[arg(long, default_value = "maskprune")]
+    method: PruneMethod,
+    /// Baselines: prune to the widths of this plan (e.g. a MaskPrune run's plan.json) instead
+    /// of the widths the config's budget gives.
+    #[arg(long)]
+    widths_from: Option<PathBuf>,
+    /// Baselines: reuse the unit scores another run of the same method saved (its
+    /// `scores.json`; same model and calibration set) instead of computing them again.
+    #[arg(long)]
+    scores_from: Option<PathBuf>,
+}
+
+/// What `prune --method` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PruneMethod {
+    /// Learned masks with uniform widths.
+    MaskPrune,
+    /// Learned masks, widths free per layer (an ablation).
+    MaskPruneNonuniform,
+    /// A one-shot ranking.
+    Baseline(Method),
+}
+
+impl std::str::FromStr for PruneMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "maskprune" => Ok(PruneMethod::MaskPrune),
+            "maskprune-nonuniform" => Ok(PruneMethod::MaskPruneNonuniform),
+            _ => s.parse().map(PruneMethod::Baseline).map_err(|_| {
+                format!("unknown method `{s}` (maskprune, maskprune-nonuniform, random, magnitude, wanda-sp, flap, taylor)")
+            }),
+        }
+    }
 }
 
 /// Resolves the configuration with every override applied.
@@ -307,14 +349,35 @@ pub fn prune(a: PruneArgs) -> anyhow::Result<()> {
         name.push(".run");
         a.out.with_file_name(name)
     });
-    run_training(&a.opts, &run_dir)?;
-    let plan_path = run_dir.join(files::PLAN);
-    let plan: PrunePlan = serde_json::from_str(
-        &std::fs::read_to_string(&plan_path)
-            .with_context(|| format!("{}: cannot read", plan_path.display()))?,
-    )?;
-    let lora = run_dir.join(files::LORA);
-    let r = prune_checkpoint_with_lora(&a.opts.model, &plan, Some(&lora), &a.out, a.overwrite)?;
+    let r = match a.method {
+        PruneMethod::Baseline(m) => {
+            let plan = baseline_plan(&a, m, &run_dir)?;
+            prune_checkpoint_with_lora(&a.opts.model, &plan, None, &a.out, a.overwrite)?
+        }
+        method => {
+            anyhow::ensure!(
+                a.widths_from.is_none(),
+                "--widths-from is for the one-shot baselines; mask training finds its own widths"
+            );
+            let mut opts = a.opts.clone();
+            let nonuniform = method == PruneMethod::MaskPruneNonuniform;
+            if nonuniform && !opts.resume {
+                opts.set.push("minimax.uniform=false".into());
+            }
+            run_training(&opts, &run_dir)?;
+            let plan_path = run_dir.join(files::PLAN);
+            let plan: PrunePlan = serde_json::from_str(
+                &std::fs::read_to_string(&plan_path)
+                    .with_context(|| format!("{}: cannot read", plan_path.display()))?,
+            )?;
+            let lora = run_dir.join(files::LORA);
+            if nonuniform {
+                mask_checkpoint_with_lora(&a.opts.model, &plan, Some(&lora), &a.out, a.overwrite)?
+            } else {
+                prune_checkpoint_with_lora(&a.opts.model, &plan, Some(&lora), &a.out, a.overwrite)?
+            }
+        }
+    };
     println!(
         "wrote {}: {} -> {} parameters ({:.1}% of all removed)",
         a.out.display(),
@@ -323,4 +386,64 @@ pub fn prune(a: PruneArgs) -> anyhow::Result<()> {
         100.0 * (1.0 - r.params_after as f64 / r.params_before as f64)
     );
     Ok(())
+}
+
+/// A one-shot baseline's plan at the widths of `--widths-from` or of the config's budget,
+/// scored on the config's calibration set; the run directory gets the calibration set and
+/// the plan.
+fn baseline_plan(a: &PruneArgs, method: Method, run_dir: &Path) -> anyhow::Result<PrunePlan> {
+    let o = &a.opts;
+    anyhow::ensure!(
+        !o.resume,
+        "--resume is for mask training; a baseline has nothing to resume"
+    );
+    let config = resolve_config(o)?;
+    let model_config = maskprune_model::ModelConfig::from_file(&o.model.join("config.json"))?;
+    let (granularity, widths) = match &a.widths_from {
+        Some(p) => widths_of_plan(p, &model_config)?,
+        None => {
+            let b = &config.budget;
+            let budget = maskprune_train::Budget::new(
+                &model_config,
+                b.granularity,
+                b.round_to,
+                b.sparsity,
+                b.target_params,
+            )
+            .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))?;
+            let sparsity = 1.0 - budget.target as f64 / budget.dense as f64;
+            let w = uniform_widths(&model_config, b.granularity, sparsity, b.round_to)
+                .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))?;
+            (b.granularity, w)
+        }
+    };
+    let calibration = prepare_run(o, &config, run_dir)?;
+    let scores = match &a.scores_from {
+        Some(p) => read_scores(p, &model_config, method)?,
+        None => {
+            let job = ScoreJob {
+                model: o.model.clone(),
+                method,
+                seed: config.train.seed,
+                calib: method.needs_calibration().then_some(calibration),
+                batch: config.train.batch,
+            };
+            dispatch_autodiff(o.device, job)?
+        }
+    };
+    write_scores(&run_dir.join("scores.json"), method, &scores)?;
+    let plan = plan_from_scores(&scores, &model_config, granularity, widths, method.name());
+    write_file_atomically(
+        &run_dir.join(files::PLAN),
+        &serde_json::to_vec_pretty(&plan)?,
+    )?;
+    println!(
+        "{} plan: {} query heads / {} KV heads / {} channels in every layer -> {}",
+        method.name(),
+        widths.query_heads,
+        widths.kv_heads,
+        widths.channels,
+        run_dir.join(files::PLAN).display()
+    );
+    Ok(plan)
 }

@@ -172,6 +172,149 @@ pub fn score_requests<B: Backend>(
     Ok(scores)
 }
 
+/// Summed continuation log-probabilities of every request, computing a context shared by all
+/// choices of a document once: the context fills a KV cache, and the choices' continuations
+/// run on copies of it as one batch (right-padded). Documents whose choices have different
+/// contexts, whose shared context is shorter than their continuations (nothing to gain), or
+/// that are longer than `max_len`, and every request when `masks` are given, go through
+/// [`score_requests`].
+pub fn score_documents<B: Backend>(
+    model: &Llama<B>,
+    requests: &[Request],
+    batch: usize,
+    max_len: usize,
+    masks: Option<&[LayerMask<B>]>,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<f64>> {
+    let mut scores = vec![0.0f64; requests.len()];
+    let mut by_doc: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (i, r) in requests.iter().enumerate() {
+        by_doc.entry(r.doc).or_default().push(i);
+    }
+    let mut rest = Vec::new();
+    let mut shared = Vec::new();
+    for ids in by_doc.into_values() {
+        let first = context(&requests[ids[0]]);
+        let fits = ids.iter().all(|&i| {
+            let r = &requests[i];
+            context(r) == first && r.tokens.len() <= max_len + 1 && r.continuation_len > 0
+        });
+        // Worth it when the context tokens saved outnumber the continuation tokens (a
+        // document alone loses the batching across documents).
+        let continuation_tokens: usize = ids.iter().map(|&i| requests[i].continuation_len).sum();
+        let saved = (ids.len() - 1) * first.len();
+        if masks.is_none() && !first.is_empty() && fits && saved >= continuation_tokens {
+            shared.push(ids);
+        } else {
+            rest.extend(ids);
+        }
+    }
+    let mut done = 0;
+    for ids in &shared {
+        let r0 = &requests[ids[0]];
+        let conts: Vec<&[u32]> = ids
+            .iter()
+            .map(|&i| {
+                &requests[i].tokens[requests[i].tokens.len() - requests[i].continuation_len..]
+            })
+            .collect();
+        for (&i, s) in ids
+            .iter()
+            .zip(shared_context_scores(model, context(r0), &conts)?)
+        {
+            scores[i] = s;
+        }
+        done += ids.len();
+        progress(done);
+    }
+    let subset: Vec<Request> = rest.iter().map(|&i| requests[i].clone()).collect();
+    let base = done;
+    let rest_scores = score_requests(model, &subset, batch, max_len, masks, &mut |d| {
+        progress(base + d)
+    })?;
+    for (&i, s) in rest.iter().zip(rest_scores) {
+        scores[i] = s;
+    }
+    Ok(scores)
+}
+
+/// The context tokens of a request.
+fn context(r: &Request) -> &[u32] {
+    &r.tokens[..r.tokens.len() - r.continuation_len]
+}
+
+/// Scores of `continuations` after one shared `context` (both non-empty).
+fn shared_context_scores<B: Backend>(
+    model: &Llama<B>,
+    context: &[u32],
+    continuations: &[&[u32]],
+) -> Result<Vec<f64>> {
+    let device = model.device();
+    let ids = |rows: Vec<Vec<i64>>, width: usize| {
+        let n = rows.len();
+        let flat: Vec<i64> = rows.into_iter().flatten().collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [n, width]), &device)
+    };
+    let mut cache = maskprune_model::KvCache::new(model.config.num_hidden_layers);
+    let ctx = ids(
+        vec![context.iter().map(|&t| t as i64).collect()],
+        context.len(),
+    );
+    let hidden = model.hidden_states_cached(ctx, &mut cache)?;
+    let h = model.config.hidden_size;
+    let last = hidden.narrow(1, context.len() - 1, 1).reshape([1, h]);
+    // Inputs after the context: every continuation token but the last, right-padded.
+    let n = continuations.len();
+    let width = continuations.iter().map(|c| c.len() - 1).max().unwrap_or(0);
+    let mut picked = vec![last.clone().repeat_dim(0, n)];
+    let mut positions = Vec::new();
+    if width > 0 {
+        let rows = continuations
+            .iter()
+            .map(|c| {
+                let mut r: Vec<i64> = c[..c.len() - 1].iter().map(|&t| t as i64).collect();
+                r.resize(width, 0);
+                r
+            })
+            .collect();
+        let mut batch_cache = cache.repeat(n);
+        let hidden = model.hidden_states_cached(ids(rows, width), &mut batch_cache)?;
+        for (row, c) in continuations.iter().enumerate() {
+            positions.extend((0..c.len() - 1).map(|k| (row * width + k) as i64));
+        }
+        let index = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(positions.clone(), [positions.len()]),
+            &device,
+        );
+        picked.push(hidden.reshape([n * width, h]).select(0, index));
+    }
+    // Row order of `picked`: the first token of every choice, then the rest choice by choice.
+    let mut targets: Vec<i64> = continuations.iter().map(|c| c[0] as i64).collect();
+    for c in continuations {
+        targets.extend(c[1..].iter().map(|&t| t as i64));
+    }
+    let logits = Tensor::cat(picked, 0).matmul(model.lm_head.clone());
+    let targets = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(targets.clone(), [targets.len(), 1]),
+        &device,
+    );
+    let logp: Vec<f32> = crate::perplexity::target_logprobs(logits, targets)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 data");
+    let mut scores: Vec<f64> = logp[..n].iter().map(|&v| v as f64).collect();
+    let mut cursor = n;
+    for (s, c) in scores.iter_mut().zip(continuations) {
+        *s += logp[cursor..cursor + c.len() - 1]
+            .iter()
+            .map(|&v| v as f64)
+            .sum::<f64>();
+        cursor += c.len() - 1;
+    }
+    Ok(scores)
+}
+
 /// Accuracy of one task.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskResult {

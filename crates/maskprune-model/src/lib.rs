@@ -15,6 +15,6 @@ pub mod weights;
 pub use config::{ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use family::{Biases, Family};
-pub use llama::{LayerLora, LayerMask, Llama, Lora};
+pub use llama::{KvCache, LayerLora, LayerMask, Llama, Lora, Site};
 pub use tokenizer::load_tokenizer;
 pub use weights::{weights_sha256, WeightStore};

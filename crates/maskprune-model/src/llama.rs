@@ -115,6 +115,21 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
+/// Where an observer sees a layer's activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    /// The input of `o_proj`: the heads' outputs, `[batch, len, heads * head_dim]`.
+    OProjInput,
+    /// The input of `down_proj`: `silu(gate) * up`, `[batch, len, intermediate]`.
+    DownProjInput,
+}
+
+/// A callback shown intermediate activations of one layer.
+pub type Observer<'a, B> = dyn FnMut(Site, &Tensor<B, 3>) + 'a;
+
+/// A callback shown intermediate activations of every layer (`layer, site, activation`).
+pub type ModelObserver<'a, B> = dyn FnMut(usize, Site, &Tensor<B, 3>) + 'a;
+
 /// Per-layer masks multiplied into the forward pass. `None` means all ones (and costs nothing).
 #[derive(Debug, Clone)]
 pub struct LayerMask<B: Backend> {
@@ -161,7 +176,7 @@ impl<B: Backend> Attention<B> {
         causal: &Tensor<B, 4>,
         head_mask: Option<&Tensor<B, 1>>,
     ) -> Tensor<B, 3> {
-        self.forward_lora(x, rotary, causal, head_mask, None)
+        self.forward_lora(x, rotary, causal, head_mask, None, None)
     }
 
     /// [`Attention::forward`] with optional LoRA adapters on the projections.
@@ -172,6 +187,7 @@ impl<B: Backend> Attention<B> {
         causal: &Tensor<B, 4>,
         head_mask: Option<&Tensor<B, 1>>,
         lora: Option<&LayerLora<B>>,
+        observe: Option<&mut Observer<'_, B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -187,24 +203,114 @@ impl<B: Backend> Attention<B> {
         let q = rotary.apply(q.reshape([b, t, h, d]).swap_dims(1, 2));
         let k = rotary.apply(k.reshape([b, t, kvh, d]).swap_dims(1, 2));
         let v = v.reshape([b, t, kvh, d]).swap_dims(1, 2);
-        // The query heads of one KV group are stacked along the sequence axis, so each
-        // group is a single matmul against its shared keys: no copy of K or V. The 1/sqrt(d)
-        // scale goes on q (t x d values) rather than on the scores (t x t).
-        let q = q
-            .reshape([b, kvh, rep * t, d])
-            .mul_scalar((d as f64).powf(-0.5));
-        let scores = q.matmul(k.swap_dims(2, 3));
-        let scores = scores.reshape([b, h, t, t]) + causal.clone();
-        let probs = softmax(scores, 3).reshape([b, kvh, rep * t, t]);
-        let out = probs.matmul(v).reshape([b, h, t, d]);
+        let out = attend(q, k, v, Some(causal), rep);
         let out = match head_mask {
             Some(m) => out * m.clone().reshape([1, h, 1, 1]),
             None => out,
         };
         let out = out.swap_dims(1, 2).reshape([b, t, h * d]);
+        if let Some(f) = observe {
+            f(Site::OProjInput, &out);
+        }
         self.o_proj
             .forward_lora(out, adapter(|l| l.o_proj.as_ref()))
     }
+
+    /// Attention of `t` new positions over the cached keys and values plus their own; the
+    /// cache grows by `t`. `causal` is `[1, 1, t, past + t]`.
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        causal: Option<&Tensor<B, 4>>,
+        cache: &mut LayerCache<B>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        let q = rotary.apply(q.reshape([b, t, h, d]).swap_dims(1, 2));
+        let k = rotary.apply(k.reshape([b, t, kvh, d]).swap_dims(1, 2));
+        let v = v.reshape([b, t, kvh, d]).swap_dims(1, 2);
+        let (k, v) = match cache.kv.take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        cache.kv = Some((k.clone(), v.clone()));
+        let out = attend(q, k, v, causal, h / kvh);
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
+    }
+}
+
+/// One layer's cached keys and values, `[batch, kv_heads, past, head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+}
+
+/// The key/value cache of a whole model for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<LayerCache<B>>,
+    /// Positions already in the cache.
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: (0..layers).map(|_| LayerCache { kv: None }).collect(),
+            len: 0,
+        }
+    }
+
+    /// The cache of a batch of one, repeated for a batch of `n` (continuations of one
+    /// shared prefix).
+    pub fn repeat(&self, n: usize) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| LayerCache {
+                kv: l
+                    .kv
+                    .as_ref()
+                    .map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n))),
+            })
+            .collect();
+        Self {
+            layers,
+            len: self.len,
+        }
+    }
+}
+
+/// Softmax attention of `q` `[b, h, t, d]` over `k`, `v` `[b, kv_heads, T, d]`, `rep` query
+/// heads per KV head, plus an additive `mask` `[1, 1, t, T]`; returns `[b, h, t, d]`.
+fn attend<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4>>,
+    rep: usize,
+) -> Tensor<B, 4> {
+    let [b, h, t, d] = q.dims();
+    let [_, kvh, len, _] = k.dims();
+    // The query heads of one KV group are stacked along the sequence axis, so each group is
+    // a single matmul against its shared keys: no copy of K or V. The 1/sqrt(d) scale goes
+    // on q (t x d values) rather than on the scores (t x T).
+    let q = q
+        .reshape([b, kvh, rep * t, d])
+        .mul_scalar((d as f64).powf(-0.5));
+    let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, h, t, len]);
+    let scores = match mask {
+        Some(m) => scores + m.clone(),
+        None => scores,
+    };
+    let probs = softmax(scores, 3).reshape([b, kvh, rep * t, len]);
+    probs.matmul(v).reshape([b, h, t, d])
 }
 
 /// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
@@ -221,7 +327,7 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// Applies the MLP; `channel_mask` scales each intermediate channel.
     pub fn forward(&self, x: Tensor<B, 3>, channel_mask: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
-        self.forward_lora(x, channel_mask, None)
+        self.forward_lora(x, channel_mask, None, None)
     }
 
     /// [`Mlp::forward`] with optional LoRA adapters on the projections.
@@ -230,6 +336,7 @@ impl<B: Backend> Mlp<B> {
         x: Tensor<B, 3>,
         channel_mask: Option<&Tensor<B, 1>>,
         lora: Option<&LayerLora<B>>,
+        observe: Option<&mut Observer<'_, B>>,
     ) -> Tensor<B, 3> {
         let adapter = |pick: fn(&LayerLora<B>) -> Option<&Lora<B>>| lora.and_then(pick);
         let gate = self
@@ -243,6 +350,9 @@ impl<B: Backend> Mlp<B> {
             Some(m) => act * m.clone().unsqueeze::<3>(),
             None => act,
         };
+        if let Some(f) = observe {
+            f(Site::DownProjInput, &act);
+        }
         self.down_proj
             .forward_lora(act, adapter(|l| l.down_proj.as_ref()))
     }
@@ -271,6 +381,20 @@ impl<B: Backend> DecoderLayer<B> {
         mask: Option<&LayerMask<B>>,
         lora: Option<&LayerLora<B>>,
     ) -> Tensor<B, 3> {
+        self.forward_observed(x, rotary, causal, mask, lora, None)
+    }
+
+    /// [`DecoderLayer::forward`] that also shows `observe` the inputs of `o_proj` and
+    /// `down_proj` (for activation-based importance scores).
+    pub fn forward_observed(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        causal: &Tensor<B, 4>,
+        mask: Option<&LayerMask<B>>,
+        lora: Option<&LayerLora<B>>,
+        mut observe: Option<&mut Observer<'_, B>>,
+    ) -> Tensor<B, 3> {
         let heads = mask.and_then(|m| m.heads.as_ref());
         let channels = mask.and_then(|m| m.channels.as_ref());
         let attn = self.self_attn.forward_lora(
@@ -279,12 +403,14 @@ impl<B: Backend> DecoderLayer<B> {
             causal,
             heads,
             lora,
+            observe.as_deref_mut(),
         );
         let x = x + attn;
         let mlp = self.mlp.forward_lora(
             self.post_attention_layernorm.forward(x.clone()),
             channels,
             lora,
+            observe,
         );
         x + mlp
     }
@@ -427,6 +553,16 @@ impl<B: Backend> Llama<B> {
         masks: Option<&[LayerMask<B>]>,
         lora: Option<&[LayerLora<B>]>,
     ) -> Result<Tensor<B, 3>> {
+        self.run_layers(tokens, masks, lora, None)
+    }
+
+    fn run_layers(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&[LayerMask<B>]>,
+        lora: Option<&[LayerLora<B>]>,
+        mut observe: Option<&mut ModelObserver<'_, B>>,
+    ) -> Result<Tensor<B, 3>> {
         let [b, t] = tokens.dims();
         let c = &self.config;
         if let Some(window) = c.sliding_window {
@@ -461,14 +597,102 @@ impl<B: Backend> Llama<B> {
             .select(0, ids)
             .reshape([b, t, c.hidden_size]);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(
+            let mut observe_layer = |site: Site, t: &Tensor<B, 3>| {
+                if let Some(f) = observe.as_deref_mut() {
+                    f(i, site, t)
+                }
+            };
+            x = layer.forward_observed(
                 x,
                 &rotary,
                 &causal,
                 masks.map(|m| &m[i]),
                 lora.map(|l| &l[i]),
+                Some(&mut observe_layer),
             );
         }
+        Ok(self.norm.forward(x))
+    }
+
+    /// Runs the dense model over `tokens` and shows `observe(layer, site, input)` the inputs
+    /// of every layer's `o_proj` and `down_proj` (`[batch, len, width]`); no logits.
+    pub fn observe(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        observe: &mut ModelObserver<'_, B>,
+    ) -> Result<()> {
+        self.run_layers(tokens, None, None, Some(observe))
+            .map(|_| ())
+    }
+
+    /// Logits `[batch, t, vocab]` of `t` new tokens after the `cache.len` cached positions
+    /// (dense model, no masks); the cache grows by `t`. Prefill with an empty cache, then
+    /// feed one token at a time.
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>> {
+        let hidden = self.hidden_states_cached(tokens, cache)?;
+        Ok(self.logits(hidden))
+    }
+
+    /// [`Llama::forward_cached`] up to the final norm: hidden states `[batch, t, hidden]`.
+    pub fn hidden_states_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>> {
+        let [b, t] = tokens.dims();
+        let c = &self.config;
+        let past = cache.len;
+        if cache.layers.len() != self.layers.len() {
+            return Err(ModelError::new(
+                "KV cache",
+                format!(
+                    "cache of {} layers for a model of {}",
+                    cache.layers.len(),
+                    self.layers.len()
+                ),
+            ));
+        }
+        if let Some(window) = c.sliding_window.filter(|&w| past + t > w) {
+            return Err(ModelError::new(
+                "config.json",
+                format!("{} positions exceed `sliding_window` ({window})", past + t),
+            ));
+        }
+        let device = self.device();
+        let rotary = Rotary::new(&self.inv_freq, past, t, &device);
+        // One new position sees everything before it: no mask needed.
+        let causal = (t > 1).then(|| {
+            let mut data = vec![0.0f32; t * (past + t)];
+            for i in 0..t {
+                for j in (past + i + 1)..(past + t) {
+                    data[i * (past + t) + j] = f32::NEG_INFINITY;
+                }
+            }
+            Tensor::<B, 4>::from_data(TensorData::new(data, [1, 1, t, past + t]), &device)
+        });
+        let mut x = self
+            .embed_tokens
+            .clone()
+            .select(0, tokens.reshape([b * t]))
+            .reshape([b, t, c.hidden_size]);
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let attn = layer.self_attn.forward_cached(
+                layer.input_layernorm.forward(x.clone()),
+                &rotary,
+                causal.as_ref(),
+                lc,
+            );
+            let x1 = x + attn;
+            let mlp = layer
+                .mlp
+                .forward(layer.post_attention_layernorm.forward(x1.clone()), None);
+            x = x1 + mlp;
+        }
+        cache.len += t;
         Ok(self.norm.forward(x))
     }
 

@@ -144,6 +144,46 @@ impl PrunePlan {
         })
     }
 
+    /// Checks a plan that is applied as masks (`mask_checkpoint_with_lora`): layer count,
+    /// index ranges, and query heads only under kept KV heads; layers may keep different
+    /// numbers of units (or none). Returns the units kept per layer.
+    pub fn validate_masked(&self, config: &ModelConfig) -> Result<Vec<[usize; 3]>, String> {
+        if self.layers.len() != config.num_hidden_layers {
+            return Err(format!(
+                "plan has {} layers but the model has {} (masks from another model?)",
+                self.layers.len(),
+                config.num_hidden_layers
+            ));
+        }
+        let group = config.group_size();
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(l, p)| {
+                for (what, idx, bound) in [
+                    ("query head", &p.query_heads, config.num_attention_heads),
+                    ("KV head", &p.kv_heads, config.num_key_value_heads),
+                    ("channel", &p.channels, config.intermediate_size),
+                ] {
+                    if !idx.is_empty() {
+                        check_indices(what, l, idx, bound)?;
+                    }
+                }
+                if let Some(q) = p
+                    .query_heads
+                    .iter()
+                    .find(|&&q| !p.kv_heads.contains(&(q / group)))
+                {
+                    return Err(format!(
+                        "layer {l}: query head {q} is kept but its KV head {} is not",
+                        q / group
+                    ));
+                }
+                Ok([p.query_heads.len(), p.kv_heads.len(), p.channels.len()])
+            })
+            .collect()
+    }
+
     /// 0/1 masks on the original model that have the effect of this plan (kept = 1).
     pub fn masks<B: Backend>(&self, config: &ModelConfig, device: &B::Device) -> Vec<LayerMask<B>> {
         let indicator = |kept: &[usize], n: usize| {

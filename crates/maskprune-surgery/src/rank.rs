@@ -1,5 +1,6 @@
-//! The one-shot magnitude baseline: each unit scored by the L2 norm of all the weights that
-//! belong to it, the top ones kept at the same widths in every layer.
+//! One-shot rankings: unit scores as sums of per-weight importances (the magnitude baseline:
+//! the L2 norm of all the weights that belong to a unit), and uniform plans keeping the top
+//! units at the same widths in every layer.
 
 use maskprune_model::{ModelConfig, Result, WeightStore};
 
@@ -7,7 +8,7 @@ use crate::plan::{Granularity, LayerPlan, PrunePlan};
 use crate::widths::Widths;
 
 /// Unit scores of one layer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerScores {
     /// Per query head: its q rows and o columns.
     pub query_heads: Vec<f64>,
@@ -17,63 +18,126 @@ pub struct LayerScores {
     pub channels: Vec<f64>,
 }
 
-fn row_sq(w: &[f32], cols: usize, rows: std::ops::Range<usize>) -> f64 {
-    w[rows.start * cols..rows.end * cols]
-        .iter()
-        .map(|&x| (x as f64) * (x as f64))
-        .sum()
+/// Non-negative per-weight importances of one layer's projections in PyTorch layout
+/// (`[out, in]`); `None` counts as zero. A unit's score is the sum over its weights.
+#[derive(Debug, Clone, Default)]
+pub struct LayerImportance {
+    /// `q_proj`, `[heads * head_dim, hidden]`.
+    pub q: Option<Vec<f32>>,
+    /// `k_proj`, `[kv_heads * head_dim, hidden]`.
+    pub k: Option<Vec<f32>>,
+    /// `v_proj`, `[kv_heads * head_dim, hidden]`.
+    pub v: Option<Vec<f32>>,
+    /// `o_proj`, `[hidden, heads * head_dim]`.
+    pub o: Option<Vec<f32>>,
+    /// `gate_proj`, `[intermediate, hidden]`.
+    pub gate: Option<Vec<f32>>,
+    /// `up_proj`, `[intermediate, hidden]`.
+    pub up: Option<Vec<f32>>,
+    /// `down_proj`, `[hidden, intermediate]`.
+    pub down: Option<Vec<f32>>,
 }
 
-fn col_sq(w: &[f32], cols: usize, range: std::ops::Range<usize>) -> f64 {
-    w.chunks_exact(cols)
-        .map(|row| {
-            row[range.clone()]
-                .iter()
-                .map(|&x| (x as f64) * (x as f64))
-                .sum::<f64>()
+fn row_sum(w: &Option<Vec<f32>>, cols: usize, rows: std::ops::Range<usize>) -> f64 {
+    w.as_ref().map_or(0.0, |w| {
+        w[rows.start * cols..rows.end * cols]
+            .iter()
+            .map(|&x| x as f64)
+            .sum()
+    })
+}
+
+/// Column sums of a row-major `[rows, cols]` matrix (zeros when absent).
+fn col_sums(w: &Option<Vec<f32>>, cols: usize) -> Vec<f64> {
+    let mut acc = vec![0.0f64; cols];
+    if let Some(w) = w {
+        for row in w.chunks_exact(cols) {
+            for (a, &x) in acc.iter_mut().zip(row) {
+                *a += x as f64;
+            }
+        }
+    }
+    acc
+}
+
+/// Sums the importances over each unit's weights: a query head owns its `q_proj` rows and
+/// `o_proj` columns; a KV group its `k_proj`/`v_proj` rows plus its query heads; an MLP
+/// channel its `gate_proj`/`up_proj` rows and its `down_proj` column.
+pub fn unit_sums(imp: &LayerImportance, c: &ModelConfig) -> LayerScores {
+    let (h, d, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let (nq, nkv, group) = (c.num_attention_heads, c.num_key_value_heads, c.group_size());
+    let o_cols = col_sums(&imp.o, nq * d);
+    let query_heads: Vec<f64> = (0..nq)
+        .map(|i| {
+            row_sum(&imp.q, h, i * d..(i + 1) * d) + o_cols[i * d..(i + 1) * d].iter().sum::<f64>()
         })
-        .sum()
+        .collect();
+    let kv_groups = (0..nkv)
+        .map(|j| {
+            row_sum(&imp.k, h, j * d..(j + 1) * d)
+                + row_sum(&imp.v, h, j * d..(j + 1) * d)
+                + query_heads[j * group..(j + 1) * group].iter().sum::<f64>()
+        })
+        .collect();
+    let down_cols = col_sums(&imp.down, f);
+    let channels = (0..f)
+        .map(|ch| {
+            row_sum(&imp.gate, h, ch..ch + 1) + row_sum(&imp.up, h, ch..ch + 1) + down_cols[ch]
+        })
+        .collect();
+    LayerScores {
+        query_heads,
+        kv_groups,
+        channels,
+    }
+}
+
+/// Reads one layer's seven projection weights (PyTorch layout) as f32.
+pub fn layer_weights(store: &WeightStore, c: &ModelConfig, l: usize) -> Result<LayerImportance> {
+    let (h, d, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+    let p = format!("model.layers.{l}");
+    let read = |name: &str, shape: [usize; 2]| {
+        store
+            .read_f32(&format!("{p}.{name}.weight"), &shape)
+            .map(Some)
+    };
+    Ok(LayerImportance {
+        q: read("self_attn.q_proj", [nq * d, h])?,
+        k: read("self_attn.k_proj", [nkv * d, h])?,
+        v: read("self_attn.v_proj", [nkv * d, h])?,
+        o: read("self_attn.o_proj", [h, nq * d])?,
+        gate: read("mlp.gate_proj", [f, h])?,
+        up: read("mlp.up_proj", [f, h])?,
+        down: read("mlp.down_proj", [h, f])?,
+    })
 }
 
 /// L2-norm scores of every unit of every layer.
 pub fn magnitude_scores(store: &WeightStore, c: &ModelConfig) -> Result<Vec<LayerScores>> {
-    let (h, d, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
-    let (nq, nkv, group) = (c.num_attention_heads, c.num_key_value_heads, c.group_size());
     (0..c.num_hidden_layers)
         .map(|l| {
-            let p = format!("model.layers.{l}");
-            let q = store.read_f32(&format!("{p}.self_attn.q_proj.weight"), &[nq * d, h])?;
-            let k = store.read_f32(&format!("{p}.self_attn.k_proj.weight"), &[nkv * d, h])?;
-            let v = store.read_f32(&format!("{p}.self_attn.v_proj.weight"), &[nkv * d, h])?;
-            let o = store.read_f32(&format!("{p}.self_attn.o_proj.weight"), &[h, nq * d])?;
-            let gate = store.read_f32(&format!("{p}.mlp.gate_proj.weight"), &[f, h])?;
-            let up = store.read_f32(&format!("{p}.mlp.up_proj.weight"), &[f, h])?;
-            let down = store.read_f32(&format!("{p}.mlp.down_proj.weight"), &[h, f])?;
-            let head_sq: Vec<f64> = (0..nq)
-                .map(|i| row_sq(&q, h, i * d..(i + 1) * d) + col_sq(&o, nq * d, i * d..(i + 1) * d))
-                .collect();
-            let kv_groups = (0..nkv)
-                .map(|j| {
-                    let own = row_sq(&k, h, j * d..(j + 1) * d) + row_sq(&v, h, j * d..(j + 1) * d);
-                    (own + head_sq[j * group..(j + 1) * group].iter().sum::<f64>()).sqrt()
-                })
-                .collect();
-            // Down's columns, accumulated row by row for cache friendliness.
-            let mut down_sq = vec![0.0f64; f];
-            for row in down.chunks_exact(f) {
-                for (acc, &x) in down_sq.iter_mut().zip(row) {
-                    *acc += (x as f64) * (x as f64);
-                }
+            let mut w = layer_weights(store, c, l)?;
+            for m in [
+                &mut w.q,
+                &mut w.k,
+                &mut w.v,
+                &mut w.o,
+                &mut w.gate,
+                &mut w.up,
+                &mut w.down,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                m.iter_mut().for_each(|x| *x *= *x);
             }
-            let channels = (0..f)
-                .map(|ch| {
-                    (row_sq(&gate, h, ch..ch + 1) + row_sq(&up, h, ch..ch + 1) + down_sq[ch]).sqrt()
-                })
-                .collect();
+            let s = unit_sums(&w, c);
+            let sqrt = |v: Vec<f64>| v.into_iter().map(f64::sqrt).collect();
             Ok(LayerScores {
-                query_heads: head_sq.into_iter().map(f64::sqrt).collect(),
-                kv_groups,
-                channels,
+                query_heads: sqrt(s.query_heads),
+                kv_groups: sqrt(s.kv_groups),
+                channels: sqrt(s.channels),
             })
         })
         .collect()

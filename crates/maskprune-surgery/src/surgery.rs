@@ -31,11 +31,13 @@ pub struct SurgeryReport {
 /// How a tensor is cut: keep these unit indices, `unit` rows (or columns) each.
 enum Cut<'a> {
     Keep,
+    /// Zero every column outside the kept units (a masked checkpoint).
+    ZeroCols(&'a [usize], usize),
     Rows(&'a [usize], usize),
     Cols(&'a [usize], usize),
 }
 
-fn cut_for<'a>(name: &str, plan: &'a PrunePlan, d: usize) -> Cut<'a> {
+fn cut_for<'a>(name: &str, plan: &'a PrunePlan, d: usize, masked: bool) -> Cut<'a> {
     let Some(rest) = name.strip_prefix("model.layers.") else {
         return Cut::Keep;
     };
@@ -45,6 +47,13 @@ fn cut_for<'a>(name: &str, plan: &'a PrunePlan, d: usize) -> Cut<'a> {
     let Some(p) = layer.parse::<usize>().ok().and_then(|l| plan.layers.get(l)) else {
         return Cut::Keep;
     };
+    if masked {
+        return match tail {
+            "self_attn.o_proj.weight" => Cut::ZeroCols(&p.query_heads, d),
+            "mlp.down_proj.weight" => Cut::ZeroCols(&p.channels, 1),
+            _ => Cut::Keep,
+        };
+    }
     match tail {
         "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => Cut::Rows(&p.query_heads, d),
         "self_attn.k_proj.weight"
@@ -66,6 +75,21 @@ fn apply_cut(cut: &Cut, shape: &[usize], bytes: &[u8], elem: usize) -> (Vec<usiz
     let cols = if shape.len() == 2 { shape[1] } else { 1 };
     match cut {
         Cut::Keep => (shape.to_vec(), bytes.to_vec()),
+        Cut::ZeroCols(units, unit) => {
+            // All-zero bytes are 0.0 in every float format.
+            let mut out = vec![0u8; bytes.len()];
+            let row_bytes = cols * elem;
+            for (src, dst) in bytes
+                .chunks_exact(row_bytes)
+                .zip(out.chunks_exact_mut(row_bytes))
+            {
+                for &u in *units {
+                    let r = u * unit * elem..(u + 1) * unit * elem;
+                    dst[r.clone()].copy_from_slice(&src[r]);
+                }
+            }
+            (shape.to_vec(), out)
+        }
         Cut::Rows(units, unit) => {
             let row_bytes = cols * elem;
             let mut out = Vec::with_capacity(units.len() * unit * row_bytes);
@@ -173,11 +197,45 @@ pub fn prune_checkpoint_with_lora(
     out: &Path,
     overwrite: bool,
 ) -> Result<SurgeryReport> {
+    write_checkpoint(src, plan, lora, out, overwrite, false)
+}
+
+/// Writes the model with every unit the plan drops zeroed (its `o_proj`/`down_proj` columns)
+/// after merging the adapters: the same shapes and config, so any loader runs it, and its
+/// outputs equal the masked model's. For plans whose layers keep different numbers of units
+/// (the non-uniform ablation); the parameter counts in `maskprune.json` are the kept units'.
+pub fn mask_checkpoint_with_lora(
+    src: &Path,
+    plan: &PrunePlan,
+    lora: Option<&Path>,
+    out: &Path,
+    overwrite: bool,
+) -> Result<SurgeryReport> {
+    write_checkpoint(src, plan, lora, out, overwrite, true)
+}
+
+fn write_checkpoint(
+    src: &Path,
+    plan: &PrunePlan,
+    lora: Option<&Path>,
+    out: &Path,
+    overwrite: bool,
+    masked: bool,
+) -> Result<SurgeryReport> {
     let config_path = src.join("config.json");
     let config = ModelConfig::from_file(&config_path)?;
-    let shape = plan
-        .validate(&config)
-        .map_err(|m| ModelError::new(src, format!("invalid prune plan: {m}")))?;
+    let invalid = |m: String| ModelError::new(src, format!("invalid prune plan: {m}"));
+    let (shape, per_layer) = if masked {
+        let counts = plan.validate_masked(&config).map_err(invalid)?;
+        let dense = PrunedShape {
+            num_attention_heads: config.num_attention_heads,
+            num_key_value_heads: config.num_key_value_heads,
+            intermediate_size: config.intermediate_size,
+        };
+        (dense, Some(counts))
+    } else {
+        (plan.validate(&config).map_err(invalid)?, None)
+    };
     let store = WeightStore::open(src)?;
     let mut deltas = match lora {
         Some(p) => read_lora_deltas(p)?,
@@ -200,7 +258,8 @@ pub fn prune_checkpoint_with_lora(
                 .zip(&delta)
                 .flat_map(|(w, d)| (w + d).to_le_bytes())
                 .collect();
-            let (new_shape, new_bytes) = apply_cut(&cut_for(name, plan, d), tshape, &merged, 4);
+            let (new_shape, new_bytes) =
+                apply_cut(&cut_for(name, plan, d, masked), tshape, &merged, 4);
             tensors.push((
                 name.to_string(),
                 safetensors::Dtype::F32,
@@ -215,8 +274,12 @@ pub fn prune_checkpoint_with_lora(
                 format!("tensor `{name}` ({dtype:?}, {tshape:?}) cannot be sliced"),
             ));
         }
-        let (new_shape, new_bytes) =
-            apply_cut(&cut_for(name, plan, d), tshape, bytes, dtype.bitsize() / 8);
+        let (new_shape, new_bytes) = apply_cut(
+            &cut_for(name, plan, d, masked),
+            tshape,
+            bytes,
+            dtype.bitsize() / 8,
+        );
         tensors.push((name.to_string(), dtype, new_shape, new_bytes));
     }
     if let Some(name) = deltas.keys().next() {
@@ -248,12 +311,32 @@ pub fn prune_checkpoint_with_lora(
         kv_heads: shape.num_key_value_heads,
         channels: shape.intermediate_size,
     };
+    let decoder_linear_before = decoder_linear_params(&config, dense_w);
+    let decoder_linear_after = match &per_layer {
+        // The kept units of each layer: one layer's share of the uniform formula.
+        Some(counts) => counts
+            .iter()
+            .map(|&[q, kv, ch]| {
+                let w = Widths {
+                    query_heads: q,
+                    kv_heads: kv,
+                    channels: ch,
+                };
+                decoder_linear_params(&config, w) / config.num_hidden_layers
+            })
+            .sum(),
+        None => decoder_linear_params(&config, pruned_w),
+    };
     let report = SurgeryReport {
         shape,
         params_before: config.total_params(),
-        params_after: pruned_config.total_params(),
-        decoder_linear_before: decoder_linear_params(&config, dense_w),
-        decoder_linear_after: decoder_linear_params(&config, pruned_w),
+        params_after: if masked {
+            config.total_params() - (decoder_linear_before - decoder_linear_after)
+        } else {
+            pruned_config.total_params()
+        },
+        decoder_linear_before,
+        decoder_linear_after,
     };
     let provenance = json!({
         "tool": concat!("maskprune ", env!("CARGO_PKG_VERSION")),
@@ -273,6 +356,7 @@ pub fn prune_checkpoint_with_lora(
             "sparsity_total": 1.0 - report.params_after as f64 / report.params_before as f64,
         },
         "lora_merged": lora.map(|p| p.display().to_string()),
+        "masked": masked,
         "kept": plan.layers,
     });
     write_dir_atomically(out, overwrite, |dir| {

@@ -4,7 +4,7 @@
 use maskprune_model::ModelConfig;
 use maskprune_surgery::rank::plan_from_scores;
 use maskprune_surgery::LayerScores;
-use maskprune_surgery::{decoder_linear_params, Granularity, PrunePlan, Widths};
+use maskprune_surgery::{decoder_linear_params, Granularity, LayerPlan, PrunePlan, Widths};
 use serde::Serialize;
 
 use crate::minimax::{UnitKind, ATTENTION, CHANNELS};
@@ -192,6 +192,112 @@ impl Budget {
             })
             .collect();
         plan_from_scores(&scores, c, self.granularity, widths, method)
+    }
+}
+
+/// Kept units per layer of a non-uniform extraction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LayerCounts {
+    /// Attention units (KV groups or query heads) kept.
+    pub attention: usize,
+    /// MLP channels kept.
+    pub channels: usize,
+}
+
+impl Budget {
+    /// Decoder-layer linear parameters of one attention unit and of one MLP channel (one layer).
+    fn unit_params(&self, layers: usize) -> [f64; 2] {
+        std::array::from_fn(|t| {
+            self.dense as f64 * self.kinds[t].share / self.kinds[t].units as f64 / layers as f64
+        })
+    }
+
+    /// Candidate attention totals (over all layers) for a non-uniform extraction: `s_a · L`
+    /// rounded down and up.
+    pub fn nonuniform_candidates(&self, layers: usize, s: [f64; 2]) -> Vec<usize> {
+        let total = s[ATTENTION] * layers as f64;
+        let max = self.kinds[ATTENTION].units * layers;
+        let mut out = vec![(total.floor() as usize).min(max)];
+        let up = (total.ceil() as usize).min(max);
+        if up != out[0] {
+            out.push(up);
+        }
+        out
+    }
+
+    /// A non-uniform plan: the top `attention_total` attention units by `|z|` over all layers,
+    /// then the top MLP channels over all layers that the budget leaves room for. Returns the
+    /// plan (not a valid uniform plan: apply it as masks), its per-layer counts and its
+    /// decoder-layer linear parameters.
+    pub fn extract_nonuniform(
+        &self,
+        c: &ModelConfig,
+        z: &[Vec<Vec<f32>>; 2],
+        attention_total: usize,
+    ) -> (PrunePlan, Vec<LayerCounts>, usize) {
+        let layers = c.num_hidden_layers;
+        let [per_unit, per_channel] = self.unit_params(layers);
+        let fixed = self.dense as f64 * self.fixed_share;
+        let room = self.target as f64 - fixed - attention_total as f64 * per_unit;
+        let channel_total =
+            ((room / per_channel).floor().max(0.0) as usize).min(c.intermediate_size * layers);
+        let global_top = |z: &Vec<Vec<f32>>, k: usize| -> Vec<Vec<usize>> {
+            let mut all: Vec<(f32, usize, usize)> = z
+                .iter()
+                .enumerate()
+                .flat_map(|(l, v)| v.iter().enumerate().map(move |(i, x)| (x.abs(), l, i)))
+                .collect();
+            all.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+            let mut kept = vec![Vec::new(); z.len()];
+            for &(_, l, i) in all.iter().take(k) {
+                kept[l].push(i);
+            }
+            kept.iter_mut().for_each(|v| v.sort_unstable());
+            kept
+        };
+        let attention = global_top(&z[ATTENTION], attention_total);
+        let channels = global_top(&z[CHANNELS], channel_total);
+        let group = c.group_size();
+        let plan_layers: Vec<LayerPlan> = attention
+            .iter()
+            .zip(&channels)
+            .map(|(a, ch)| {
+                let (query_heads, kv_heads): (Vec<usize>, Vec<usize>) = match self.granularity {
+                    Granularity::KvGroup => (
+                        a.iter().flat_map(|&j| j * group..(j + 1) * group).collect(),
+                        a.clone(),
+                    ),
+                    Granularity::QueryHead => {
+                        let mut kv: Vec<usize> = a.iter().map(|&q| q / group).collect();
+                        kv.dedup();
+                        (a.clone(), kv)
+                    }
+                };
+                LayerPlan {
+                    query_heads,
+                    kv_heads,
+                    channels: ch.clone(),
+                }
+            })
+            .collect();
+        let counts = attention
+            .iter()
+            .zip(&channels)
+            .map(|(a, ch)| LayerCounts {
+                attention: a.len(),
+                channels: ch.len(),
+            })
+            .collect();
+        let params = fixed + attention_total as f64 * per_unit + channel_total as f64 * per_channel;
+        (
+            PrunePlan {
+                method: "maskprune-nonuniform".into(),
+                granularity: self.granularity,
+                layers: plan_layers,
+            },
+            counts,
+            params.round() as usize,
+        )
     }
 }
 

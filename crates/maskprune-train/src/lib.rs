@@ -16,5 +16,5 @@ pub mod trainer;
 
 pub use adapters::Adapters;
 pub use config::TrainConfig;
-pub use extract::Budget;
+pub use extract::{Budget, LayerCounts};
 pub use trainer::{files, train, RunSpec, StepRecord, TrainSummary};

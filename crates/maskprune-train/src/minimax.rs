@@ -19,7 +19,7 @@ pub const KIND_NAMES: [&str; 2] = ["attention", "channels"];
 
 /// Step sizes of the primal and dual updates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct MinimaxRates {
     /// η: mask step on the normalised gradient (also sets the threshold `sqrt(2ηy)`).
     pub mask_lr: f64,
@@ -35,6 +35,10 @@ pub struct MinimaxRates {
     /// Quadratic (augmented Lagrangian) penalty `ρ/2·max(0, p(r) − p_target)²`, which
     /// damps the oscillation plain gradient descent-ascent has on a bilinear term.
     pub penalty: f64,
+    /// `true` (MaskPrune): every layer keeps the shared width `s` (one multiplier per layer).
+    /// `false` (the non-uniform ablation): only the total over layers is constrained, one
+    /// multiplier per kind, so each layer finds its own width under the same budget.
+    pub uniform: bool,
 }
 
 impl Default for MinimaxRates {
@@ -46,6 +50,7 @@ impl Default for MinimaxRates {
             budget_lr: 20.0,
             width_lr: 0.004,
             penalty: 100.0,
+            uniform: true,
         }
     }
 }
@@ -198,10 +203,15 @@ impl MinimaxState {
         for t in 0..2 {
             let n = kinds[t].units as f64;
             let s = self.width[t] * n;
+            // Non-uniform: one threshold over all layers keeps s units per layer on average.
+            let shared_tau = (!rates.uniform).then(|| {
+                let all: Vec<f32> = self.z[t].iter().flatten().copied().collect();
+                rank_threshold(&all, s * kept[t].len() as f64)
+            });
             for (l, &c) in kept[t].iter().enumerate() {
                 let excess = c as f64 / n - self.width[t];
                 uniformity_term += self.y[t][l] * excess / kept[t].len() as f64;
-                let tau = rank_threshold(&self.z[t][l], s);
+                let tau = shared_tau.unwrap_or_else(|| rank_threshold(&self.z[t][l], s));
                 let y_star = tau * tau / (2.0 * rates.mask_lr);
                 self.y[t][l] = (self.y[t][l] + rates.dual_lr * (y_star - self.y[t][l])).max(0.0);
             }

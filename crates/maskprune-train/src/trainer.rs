@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::adapters::Adapters;
 use crate::config::{MaskInit, TrainConfig};
-use crate::extract::Budget;
+use crate::extract::{Budget, LayerCounts};
 use crate::minimax::{scheduled_target, MinimaxState, ATTENTION, CHANNELS};
 
 /// File names inside a run directory.
@@ -119,6 +119,10 @@ pub struct TrainSummary {
     pub rounding: Vec<(Widths, f64)>,
     /// The same for the dense model with the trained adapters (the floor).
     pub loss_dense_with_lora: f64,
+    /// Non-uniform runs (`minimax.uniform = false`): units kept in each layer (then `widths`
+    /// is the rounded mean and the parameters are those of the masked units).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonuniform_kept: Option<Vec<LayerCounts>>,
 }
 
 /// Everything a run needs.
@@ -480,10 +484,20 @@ impl<B: AutodiffBackend> Context<'_, B> {
         // Rounding s: attention down or up (the MLP filling the budget either way); the
         // rounding with the lower held-out loss is kept.
         let mut candidates = Vec::new();
-        for widths in budget.candidate_widths(c, s) {
-            let plan = budget.extract(c, &state.z, widths, "maskprune");
-            let loss = held_out(Some(&plan.masks::<B>(c, &device)))?;
-            candidates.push((widths, loss, plan));
+        let mut nonuniform = Vec::new();
+        if cfg.minimax.uniform {
+            for widths in budget.candidate_widths(c, s) {
+                let plan = budget.extract(c, &state.z, widths, "maskprune");
+                let loss = held_out(Some(&plan.masks::<B>(c, &device)))?;
+                candidates.push((widths, loss, plan));
+            }
+        } else {
+            for total in budget.nonuniform_candidates(c.num_hidden_layers, s) {
+                let (plan, counts, params) = budget.extract_nonuniform(c, &state.z, total);
+                let loss = held_out(Some(&plan.masks::<B>(c, &device)))?;
+                candidates.push((mean_widths(c, &plan), loss, plan));
+                nonuniform.push((counts, params));
+            }
         }
         let best = candidates
             .iter()
@@ -493,22 +507,28 @@ impl<B: AutodiffBackend> Context<'_, B> {
             .expect("at least one candidate");
         let rounding: Vec<(Widths, f64)> = candidates.iter().map(|(w, l, _)| (*w, *l)).collect();
         let (widths, loss_after, plan) = candidates.swap_remove(best);
+        let (nonuniform_kept, decoder_linear_after) = if nonuniform.is_empty() {
+            (None, maskprune_surgery::decoder_linear_params(c, widths))
+        } else {
+            let (counts, params) = nonuniform.swap_remove(best);
+            (Some(counts), params)
+        };
         let summary = TrainSummary {
             steps: run.step,
             train_seconds: run.seconds,
             granularity: cfg.budget.granularity,
             widths,
             s,
-            decoder_linear: [
-                budget.dense,
-                maskprune_surgery::decoder_linear_params(c, widths),
-                budget.target,
+            decoder_linear: [budget.dense, decoder_linear_after, budget.target],
+            total_params: [
+                c.total_params(),
+                c.total_params() - (budget.dense - decoder_linear_after),
             ],
-            total_params: [c.total_params(), pruned_total_params(c, widths)],
             loss_before_extraction: held_out(Some(&train_masks))?,
             loss_after_extraction: loss_after,
             rounding,
             loss_dense_with_lora: held_out(None)?,
+            nonuniform_kept,
         };
         write_outputs(
             self.spec.run_dir,
@@ -563,12 +583,17 @@ impl<B: AutodiffBackend> Context<'_, B> {
     }
 }
 
-fn pruned_total_params(c: &maskprune_model::ModelConfig, w: Widths) -> usize {
-    let mut p = c.clone();
-    p.num_attention_heads = w.query_heads;
-    p.num_key_value_heads = w.kv_heads;
-    p.intermediate_size = w.channels;
-    p.total_params()
+/// The per-layer mean widths of a (non-uniform) plan, rounded.
+fn mean_widths(c: &maskprune_model::ModelConfig, plan: &PrunePlan) -> Widths {
+    let n = c.num_hidden_layers.max(1) as f64;
+    let mean = |f: fn(&maskprune_surgery::LayerPlan) -> usize| {
+        (plan.layers.iter().map(f).sum::<usize>() as f64 / n).round() as usize
+    };
+    Widths {
+        query_heads: mean(|l| l.query_heads.len()),
+        kv_heads: mean(|l| l.kv_heads.len()),
+        channels: mean(|l| l.channels.len()),
+    }
 }
 
 fn write_outputs(

@@ -1,0 +1,360 @@
+//! Issue 4 on the tiny fixture: every pruning method reaches exactly MaskPrune's widths, the
+//! non-uniform ablation is a masked checkpoint, `bench --baseline` reports ratios, and
+//! `scripts/reproduce-table.sh --quick` writes the table (when the shared data is present).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fixtures, maskprune};
+use serde_json::Value;
+
+fn scratch(name: &str) -> PathBuf {
+    common::scratch("methods", name)
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A calibration file of random windows and a 6-step config, in `dir`.
+fn inputs(dir: &Path) -> (String, String) {
+    let mut x = 777u64;
+    let samples: Vec<Vec<u64>> = (0..24)
+        .map(|_| {
+            (0..16)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (x >> 33) % 288
+                })
+                .collect()
+        })
+        .collect();
+    let calib = serde_json::json!({
+        "dataset": "random", "file": "(generated)", "sha256": "", "documents": [0, 0], "seed": 0,
+        "seq_len": 16, "tokenizer_sha256": "", "samples": samples,
+    });
+    let calib_path = dir.join("calib.json");
+    std::fs::write(&calib_path, calib.to_string()).unwrap();
+    let config_path = dir.join("tiny.toml");
+    std::fs::write(
+        &config_path,
+        "[budget]\nsparsity = 0.5\nround_to = 16\n[train]\nsteps = 6\nbatch = 4\nwarmup_steps = 3\neval_samples = 4\ninit_batches = 1\n",
+    )
+    .unwrap();
+    (
+        calib_path.display().to_string(),
+        config_path.display().to_string(),
+    )
+}
+
+fn prune(dir: &Path, method: &str, extra: &[&str]) -> PathBuf {
+    let (calib, config) = inputs(dir);
+    let out = dir.join(method);
+    let model = fixtures().join("tiny-llama");
+    let mut args = vec![
+        "--quiet",
+        "prune",
+        "--method",
+        method,
+        "--config",
+        &config,
+        "--calib",
+        &calib,
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = maskprune(&args);
+    assert_eq!(code, 0, "{method}: {stderr}");
+    assert!(stdout.contains("wrote"), "{stdout}");
+    out
+}
+
+fn widths(dir: &Path) -> (u64, u64, u64) {
+    let c = json(&dir.join("config.json"));
+    let n = |k: &str| c[k].as_u64().unwrap();
+    (
+        n("num_attention_heads"),
+        n("num_key_value_heads"),
+        n("intermediate_size"),
+    )
+}
+
+#[test]
+fn every_method_prunes_to_maskprunes_widths() {
+    let dir = scratch("widths");
+    let mp = prune(&dir, "maskprune", &[]);
+    let plan = dir.join("maskprune.run/plan.json").display().to_string();
+    let target = widths(&mp);
+    assert!(target.2 < 128, "nothing was pruned: {target:?}");
+    let mut kept = Vec::new();
+    for method in ["random", "magnitude", "wanda-sp", "flap", "taylor"] {
+        let out = prune(&dir, method, &["--widths-from", &plan]);
+        assert_eq!(widths(&out), target, "{method}");
+        let prov = json(&out.join("maskprune.json"));
+        assert_eq!(prov["method"], method);
+        assert!(dir.join(format!("{method}.run/scores.json")).is_file());
+        kept.push(prov["kept"].clone());
+    }
+    // Different rankings keep different units.
+    assert!(
+        kept.windows(2).any(|w| w[0] != w[1]),
+        "all methods kept the same units"
+    );
+    // Saved scores give the same plan without recomputing.
+    let scores = dir.join("taylor.run/scores.json").display().to_string();
+    let again = prune(
+        &scratch("widths-again"),
+        "taylor",
+        &["--widths-from", &plan, "--scores-from", &scores],
+    );
+    assert_eq!(json(&again.join("maskprune.json"))["kept"], kept[4]);
+    // Scores of another method are refused.
+    let (calib, config) = inputs(&dir);
+    let (code, _, stderr) = maskprune(&[
+        "--quiet",
+        "prune",
+        "--method",
+        "flap",
+        "--config",
+        &config,
+        "--calib",
+        &calib,
+        "--model",
+        fixtures().join("tiny-llama").to_str().unwrap(),
+        "--out",
+        dir.join("bad").to_str().unwrap(),
+        "--widths-from",
+        &plan,
+        "--scores-from",
+        &scores,
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("scores of method `taylor`, not `flap`") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_nonuniform_ablation_is_a_masked_checkpoint_within_the_budget() {
+    let dir = scratch("nonuniform");
+    let out = prune(&dir, "maskprune-nonuniform", &[]);
+    assert_eq!(
+        widths(&out),
+        (4, 2, 128),
+        "a masked checkpoint keeps the original shapes"
+    );
+    let prov = json(&out.join("maskprune.json"));
+    assert_eq!(prov["masked"], true);
+    assert_eq!(prov["method"], "maskprune-nonuniform");
+    let p = &prov["params"];
+    let (before, after) = (
+        p["decoder_linear_before"].as_f64().unwrap(),
+        p["decoder_linear_after"].as_f64().unwrap(),
+    );
+    assert!(after <= 0.5 * before + 1.0 && after > 0.4 * before, "{p}");
+    let summary = json(&dir.join("maskprune-nonuniform.run/summary.json"));
+    assert_eq!(summary["nonuniform_kept"].as_array().unwrap().len(), 2);
+    let config = std::fs::read_to_string(dir.join("maskprune-nonuniform.run/config.toml")).unwrap();
+    assert!(config.contains("uniform = false"), "{config}");
+}
+
+#[test]
+fn bench_compares_a_pruned_model_with_its_baseline() {
+    let dir = scratch("bench");
+    let pruned = prune(&dir, "magnitude", &[]);
+    let out = dir.join("bench.json");
+    let (code, stdout, stderr) = maskprune(&[
+        "--quiet",
+        "bench",
+        "--model",
+        pruned.to_str().unwrap(),
+        "--baseline",
+        fixtures().join("tiny-llama").to_str().unwrap(),
+        "--shapes",
+        "1x8,2x4",
+        "--decode",
+        "1x4+3",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("decode 1x4+3"), "{stdout}");
+    let r = json(&out);
+    let ratio = |k: &str| {
+        r["ratio"][k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k}: {}", r["ratio"]))
+    };
+    assert!(ratio("params") < 1.0 && ratio("macs_per_token_linear") < 1.0);
+    assert!(ratio("prefill_1x8_tokens_per_s") > 0.0 && ratio("decode_tokens_per_s") > 0.0);
+    assert!(r["model"]["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(r["baseline"]["decode"]["new_tokens"], 3);
+    let (code, _, stderr) = maskprune(&[
+        "bench",
+        "--model",
+        pruned.to_str().unwrap(),
+        "--decode",
+        "1x4",
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("BATCHxPROMPT+NEW"), "{stderr}");
+}
+
+#[test]
+fn ranking_bad_inputs_are_one_line_errors() {
+    let dir = scratch("bad");
+    let model = fixtures().join("tiny-llama");
+    let m = model.to_str().unwrap();
+    let out = dir.join("p.json");
+    let o = out.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec![
+                "rank",
+                "--model",
+                m,
+                "--method",
+                "wanda-sp",
+                "--sparsity",
+                "0.5",
+                "--round-to",
+                "16",
+                "--out",
+                o,
+            ],
+            "needs calibration data",
+        ),
+        (
+            vec![
+                "rank",
+                "--model",
+                m,
+                "--method",
+                "obs",
+                "--sparsity",
+                "0.5",
+                "--out",
+                o,
+            ],
+            "unknown ranking method `obs`",
+        ),
+        (
+            vec![
+                "prune",
+                "--method",
+                "sparsegpt",
+                "--config",
+                "x.toml",
+                "--model",
+                m,
+                "--out",
+                o,
+            ],
+            "unknown method `sparsegpt`",
+        ),
+        (
+            vec!["table", "--rows", dir.to_str().unwrap(), "--out", o],
+            "no finished rows",
+        ),
+    ] {
+        let (code, _, stderr) = maskprune(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(
+            stderr.contains(needle) && stderr.trim().lines().count() == 1,
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// The shared data directory, when this checkout has one.
+fn shared_data() -> Option<PathBuf> {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    d.join("zeroshot/piqa.jsonl").is_file().then_some(d)
+}
+
+#[test]
+fn reproduce_table_quick_writes_the_table() {
+    let Some(data) = shared_data() else {
+        eprintln!("skipped: no ../shared/data (WikiText-2, PTB, the zero-shot tasks) next to the checkout");
+        return;
+    };
+    let dir = scratch("table");
+    let configs = dir.join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    std::fs::write(
+        configs.join("tiny-50.toml"),
+        "[budget]\nsparsity = 0.5\nround_to = 16\n[calibration]\nsamples = 24\nseq_len = 16\n[train]\nsteps = 4\nbatch = 4\nwarmup_steps = 2\neval_samples = 4\n",
+    )
+    .unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let status = std::process::Command::new("bash")
+        .arg(root.join("scripts/reproduce-table.sh"))
+        .arg("--quick")
+        .current_dir(&root)
+        .env("MASKPRUNE_BIN", env!("CARGO_BIN_EXE_maskprune"))
+        .env("MASKPRUNE_DATA", &data)
+        .env("MODEL", fixtures().join("tiny-llama"))
+        .env("NAME", "tiny")
+        .env("CONFIGS", &configs)
+        .env("WORK", dir.join("work"))
+        .env("RESULTS", dir.join("results"))
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&status.stdout),
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let table = json(&dir.join("results/table.json"));
+    let rows = table["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 8, "dense + 7 methods at 50%");
+    for r in rows {
+        for k in [
+            "wikitext2",
+            "ptb",
+            "boolq",
+            "openbookqa",
+            "average",
+            "params",
+        ] {
+            assert!(r[k].as_f64().is_some(), "{k} missing in {r}");
+        }
+    }
+    assert_eq!(table["protocol"]["zeroshot_limit"], 3);
+    let md = std::fs::read_to_string(dir.join("results/table.md")).unwrap();
+    assert!(
+        md.contains("| 50% | wanda-sp |") && md.contains("decode tokens/s"),
+        "{md}"
+    );
+    let csv = std::fs::read_to_string(dir.join("results/table.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 9);
+    // A second run finds every row and recomputes nothing.
+    let again = std::process::Command::new("bash")
+        .arg(root.join("scripts/reproduce-table.sh"))
+        .arg("--quick")
+        .current_dir(&root)
+        .env("MASKPRUNE_BIN", env!("CARGO_BIN_EXE_maskprune"))
+        .env("MASKPRUNE_DATA", &data)
+        .env("MODEL", fixtures().join("tiny-llama"))
+        .env("NAME", "tiny")
+        .env("CONFIGS", &configs)
+        .env("WORK", dir.join("work"))
+        .env("RESULTS", dir.join("results"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success() && !text.contains("== 50%: pruning") && !text.contains("perplexity"),
+        "{text}"
+    );
+}
