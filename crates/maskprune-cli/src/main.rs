@@ -11,6 +11,7 @@ mod import;
 mod inspect;
 mod progress;
 mod prune_stages;
+mod report;
 mod table;
 mod train;
 
@@ -62,6 +63,8 @@ enum Command {
     Prune(train::PruneArgs),
     /// Collect finished result rows into table.json, table.csv and table.md.
     Table(table::Args),
+    /// Plot a mask-training run: RUN/report/ with SVG and PNG figures, report.md, report.html.
+    Report(report::Args),
 }
 
 #[derive(Subcommand)]
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         Command::TrainMasks(a) => train::train_masks(a),
         Command::Prune(a) => train::prune(a),
         Command::Table(a) => table::run(a),
+        Command::Report(a) => report::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

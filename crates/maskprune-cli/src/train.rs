@@ -334,7 +334,17 @@ fn run_training(o: &TrainOptions, run_dir: &Path) -> anyhow::Result<TrainSummary
 }
 
 pub fn train_masks(a: TrainArgs) -> anyhow::Result<()> {
-    run_training(&a.opts, &a.run_dir).map(|_| ())
+    run_training(&a.opts, &a.run_dir)?;
+    write_report(&a.run_dir);
+    Ok(())
+}
+
+/// The run's report (plots); a failure there is a warning, the run itself is done.
+fn write_report(run_dir: &Path) {
+    match maskprune_report::write_report(run_dir, None) {
+        Ok(dir) => progress::info(format!("report: {}", dir.join("report.md").display())),
+        Err(m) => eprintln!("warning: no report for {}: {m}", run_dir.display()),
+    }
 }
 
 pub fn prune(a: PruneArgs) -> anyhow::Result<()> {
@@ -365,6 +375,7 @@ pub fn prune(a: PruneArgs) -> anyhow::Result<()> {
                 opts.set.push("minimax.uniform=false".into());
             }
             run_training(&opts, &run_dir)?;
+            write_report(&run_dir);
             let plan_path = run_dir.join(files::PLAN);
             let plan: PrunePlan = serde_json::from_str(
                 &std::fs::read_to_string(&plan_path)

@@ -161,6 +161,37 @@ fn the_nonuniform_ablation_is_a_masked_checkpoint_within_the_budget() {
     assert_eq!(summary["nonuniform_kept"].as_array().unwrap().len(), 2);
     let config = std::fs::read_to_string(dir.join("maskprune-nonuniform.run/config.toml")).unwrap();
     assert!(config.contains("uniform = false"), "{config}");
+    // The run's report: snapshots at the start and half-way, the figures as SVG and PNG.
+    let run = dir.join("maskprune-nonuniform.run");
+    for step in ["00000", "00003"] {
+        assert!(
+            run.join(format!("snapshots/masks-step{step}.json"))
+                .is_file(),
+            "snapshot {step}"
+        );
+    }
+    let report = run.join("report");
+    for fig in [
+        "loss",
+        "widths",
+        "params",
+        "multipliers",
+        "masks-0-channels",
+        "masks-2-channels",
+        "kept",
+    ] {
+        let png = std::fs::read(report.join(format!("{fig}.png")))
+            .unwrap_or_else(|e| panic!("{fig}.png: {e}"));
+        assert_eq!(&png[1..4], b"PNG", "{fig}.png");
+        assert!(report.join(format!("{fig}.svg")).is_file(), "{fig}.svg");
+    }
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("![Loss terms per update](loss.png)"), "{md}");
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    assert!(
+        html.matches("<svg").count() >= 7,
+        "the HTML embeds its figures"
+    );
 }
 
 #[test]

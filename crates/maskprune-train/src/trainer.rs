@@ -40,6 +40,8 @@ pub mod files {
     pub const PLAN: &str = "plan.json";
     /// Wall time, parameters, widths and the extraction gap.
     pub const SUMMARY: &str = "summary.json";
+    /// Mask values at the first update and half-way (`masks-step00000.json`, ...), for plots.
+    pub const SNAPSHOTS: &str = "snapshots";
 }
 
 /// What a checkpoint holds besides the adapters.
@@ -208,6 +210,9 @@ pub fn train<B: AutodiffBackend>(
         .map_err(|e| err(&log_path, format!("cannot open: {e}")))?;
     let mut last_checkpoint = run.step;
     while run.step < cfg.train.steps {
+        if run.step == 0 || run.step == cfg.train.steps / 2 {
+            cx.snapshot(&run)?;
+        }
         let t0 = Instant::now();
         let g = cx.gradients(&run)?;
         for (term, v) in [("distillation", Some(g.distill)), ("next-token", g.ntp)] {
@@ -440,6 +445,21 @@ impl<B: AutodiffBackend> Context<'_, B> {
                 .map_err(|m| maskprune_model::ModelError::new(d, m))
         })
         .map_err(|e| e.to_string())
+    }
+
+    /// Writes the current mask values to `snapshots/masks-stepNNNNN.json`.
+    fn snapshot(&self, run: &Progress) -> Result<(), String> {
+        let masks = run.state.masks(&self.cfg().minimax);
+        let dir = self.spec.run_dir.join(files::SNAPSHOTS);
+        std::fs::create_dir_all(&dir).map_err(|e| err(&dir, format!("cannot create: {e}")))?;
+        let value = json!({
+            "step": run.step,
+            "m_attention": masks[ATTENTION],
+            "m_channels": masks[CHANNELS],
+        });
+        let path = dir.join(format!("masks-step{:05}.json", run.step));
+        write_file_atomically(&path, &serde_json::to_vec(&value).expect("JSON serialises"))
+            .map_err(|e| e.to_string())
     }
 
     /// Extraction (exactly `round_to(s)` units in every layer, the top ones by |z|), the
