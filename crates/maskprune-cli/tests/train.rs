@@ -257,3 +257,55 @@ fn bad_training_inputs_are_one_line_errors() {
         );
     }
 }
+
+#[test]
+fn a_nan_loss_stops_the_run_and_resume_continues_from_the_last_good_checkpoint() {
+    let dir = scratch("nan");
+    // 20 updates, a checkpoint every 7: the NaN at update 12 leaves the step-7 checkpoint.
+    let (calib, config) = inputs(&dir, 20, 288);
+    let s = |p: &Path| p.display().to_string();
+    let (calib, config, model) = (s(&calib), s(&config), s(&fixture()));
+    let (full, broken) = (dir.join("full"), dir.join("broken"));
+    assert_success(
+        &bin()
+            .args(train_args(&config, &calib, &model, &s(&full)))
+            .output()
+            .unwrap(),
+    );
+    let out = bin()
+        .args(train_args(&config, &calib, &model, &s(&broken)))
+        .env("MASKPRUNE_FAULT_NAN_STEP", "12")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    for needle in [
+        "step 12",
+        "distillation loss is NaN",
+        "checkpoint",
+        "(step 7)",
+        "--resume",
+    ] {
+        assert!(stderr.contains(needle), "`{needle}` missing: {stderr}");
+    }
+    assert!(!broken.join("summary.json").exists());
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(broken.join("checkpoint/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["step"], 7, "the checkpoint is the last good one");
+    // Resumed without the fault, the run ends exactly as the uninterrupted one.
+    let out = bin()
+        .args(train_args(&config, &calib, &model, &s(&broken)))
+        .arg("--resume")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    for f in ["masks.json", "plan.json"] {
+        assert!(
+            std::fs::read(full.join(f)).unwrap() == std::fs::read(broken.join(f)).unwrap(),
+            "{f} differs after resuming from the NaN"
+        );
+    }
+}

@@ -342,7 +342,10 @@ impl<B: AutodiffBackend> Context<'_, B> {
         } else {
             (distill.clone(), None)
         };
-        let distill: f64 = distill.into_scalar().elem();
+        let mut distill: f64 = distill.into_scalar().elem();
+        if fault_nan_step() == Some(run.step + 1) {
+            distill = f64::NAN;
+        }
         let grads = loss.backward();
         let host = |t: Option<Tensor<B::InnerBackend, 1>>, n: usize| -> Vec<f32> {
             t.map(|g| g.into_data().convert::<f32>().to_vec().expect("f32"))
@@ -652,6 +655,12 @@ fn write_outputs(
         &serde_json::to_vec_pretty(summary).expect("summary serialises"),
     )
     .map_err(|e| e.to_string())
+}
+
+/// Test hook: `MASKPRUNE_FAULT_NAN_STEP=k` makes the distillation loss of update `k` NaN, to
+/// check that a diverging run stops cleanly and resumes from its last good checkpoint.
+fn fault_nan_step() -> Option<u64> {
+    std::env::var("MASKPRUNE_FAULT_NAN_STEP").ok()?.parse().ok()
 }
 
 /// Initial `z` without the model: ones, or each unit's weight norm divided by its layer's mean.
