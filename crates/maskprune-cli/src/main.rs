@@ -87,6 +87,13 @@ pub struct RunOptions {
 }
 
 fn main() -> ExitCode {
+    // A file-size limit (or a quota) then fails the write with an error we report, instead
+    // of killing the process with SIGXFSZ halfway through an output.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version

@@ -359,3 +359,46 @@ fn random_ranking_is_seeded_and_takes_the_widths_of_another_plan() {
         }
     }
 }
+
+#[test]
+fn a_write_that_fails_halfway_leaves_no_output() {
+    // A full disk, simulated with a file-size limit of 64 KiB: the surgery's safetensors file
+    // (about 100 KiB) cannot be written.
+    let dir = scratch("full");
+    let model = fixtures().join("tiny-llama");
+    let plan = dir.join("plan.json");
+    let (code, _, stderr) = maskprune(&[
+        "rank",
+        "--model",
+        model.to_str().unwrap(),
+        "--sparsity",
+        "0.25",
+        "--round-to",
+        "16",
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let out = dir.join("pruned");
+    let run = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 64; exec '{}' --quiet surgery --model '{}' --plan '{}' --out '{}'",
+            env!("CARGO_BIN_EXE_maskprune"),
+            model.display(),
+            plan.display(),
+            out.display()
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert_one_line_error(&stderr, "File too large");
+    assert!(!out.exists(), "a half-written output directory was left");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "plan.json")
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
