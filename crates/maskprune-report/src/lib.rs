@@ -231,8 +231,12 @@ fn figures(run: &Path, log: &[Value]) -> Result<Vec<Figure>, String> {
             .into_iter()
             .map(|(l, c)| (l, c / units_channels))
             .collect();
-        let heads = count("query_heads");
-        let max_heads = heads.iter().map(|h| h.1).fold(1.0, f64::max);
+        // Attention units are KV groups or query heads, as the run's masks count them.
+        let by_groups = masks.as_ref().and_then(|m| m["granularity"].as_str()) == Some("kv_group");
+        let attention: Vec<(f64, f64)> = count(if by_groups { "kv_heads" } else { "query_heads" })
+            .into_iter()
+            .map(|(l, h)| (l, h / units_attention))
+            .collect();
         out.push(Figure {
             stem: "kept".into(),
             caption: "Units kept per layer in the extracted plan (fraction of the layer's query heads and MLP channels)".into(),
@@ -241,7 +245,7 @@ fn figures(run: &Path, log: &[Value]) -> Result<Vec<Figure>, String> {
                 "layer",
                 "fraction kept",
                 &[
-                    Series::new("query heads (of the most kept)", heads.into_iter().map(|(l, h)| (l, h / max_heads)).collect()),
+                    Series::new("attention units", attention),
                     Series::new("MLP channels", channels),
                 ],
             )?,
