@@ -124,3 +124,7 @@ for pct in $SPARSITIES; do
   done
 done
 "$BIN" table --rows "$ROWS" --out "$RESULTS" --title "$NAME: structured pruning at identical widths"
+# Each mask-training run's report gets the table.
+for run in "$WORK"/s*/maskprune*.run; do
+  [ -f "$run/summary.json" ] && "$BIN" --quiet report "$run" --results "$RESULTS/table.md" > /dev/null
+done

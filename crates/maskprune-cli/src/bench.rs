@@ -289,6 +289,11 @@ impl BackendJob for Job {
         let model = Llama::<B>::load(&a.model, &device)?;
         let vocab = model.config.vocab_size as u64;
         let mut rows_out = Vec::new();
+        let pb = progress::bar(
+            "bench",
+            (shapes.len() * (a.warmup + a.repeats)) as u64,
+            "runs",
+        );
         for (batch, len) in shapes {
             let tokens = random_rows(batch, len, vocab);
             let rows: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
@@ -301,6 +306,7 @@ impl BackendJob for Job {
                 if i >= a.warmup {
                     times.push(start.elapsed().as_secs_f64());
                 }
+                pb.inc(1);
             }
             times.sort_by(f64::total_cmp);
             let median = times[times.len() / 2];
@@ -311,6 +317,7 @@ impl BackendJob for Job {
             );
             rows_out.push(json!({"batch": batch, "seq_len": len, "seconds": times, "median_s": median, "tokens_per_s": tps}));
         }
+        pb.finish_and_clear();
         let decoded = match parse_decode(&a.decode)? {
             Some((b, p, n)) => decode(&model, b, p, n, &device)?,
             None => serde_json::Value::Null,

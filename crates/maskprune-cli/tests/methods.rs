@@ -367,6 +367,12 @@ fn reproduce_table_quick_writes_the_table() {
         md.contains("| 50% | wanda-sp |") && md.contains("decode tokens/s"),
         "{md}"
     );
+    let report =
+        std::fs::read_to_string(dir.join("work-quick/s50/maskprune.run/report/report.md")).unwrap();
+    assert!(
+        report.contains("## Results") && report.contains("| 50% | flap |"),
+        "{report}"
+    );
     let csv = std::fs::read_to_string(dir.join("results/table.csv")).unwrap();
     assert_eq!(csv.lines().count(), 9);
     // A second run finds every row and recomputes nothing.
