@@ -14,12 +14,7 @@ use maskprune_surgery::{mask_checkpoint_with_lora, Granularity, LayerPlan, Prune
 use maskprune_tests::*;
 
 fn rows() -> Vec<Vec<u32>> {
-    read_json("tiny-llama-reference.json")["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect()
+    reference_rows()
 }
 
 fn tokens<Bk: Backend>(device: &Bk::Device) -> Tensor<Bk, 2, Int> {

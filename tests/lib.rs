@@ -60,3 +60,13 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// The token rows of the tiny fixture's reference file.
+pub fn reference_rows() -> Vec<Vec<u32>> {
+    read_json("tiny-llama-reference.json")["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect()
+}

@@ -6,12 +6,7 @@ use maskprune_surgery::{magnitude_plan, prune_checkpoint, uniform_widths, Granul
 use maskprune_tests::*;
 
 fn rows() -> Vec<Vec<u32>> {
-    read_json("tiny-llama-reference.json")["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect()
+    reference_rows()
 }
 
 fn logits(model: &Llama<B>, masks: Option<&[maskprune_model::LayerMask<B>]>) -> Vec<f32> {

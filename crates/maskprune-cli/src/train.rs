@@ -278,6 +278,23 @@ fn prepare_run(
     Ok(calibration)
 }
 
+/// The config's budget on this model (an error names the config when it cannot be met).
+fn budget_of(
+    o: &TrainOptions,
+    config: &TrainConfig,
+    model: &maskprune_model::ModelConfig,
+) -> anyhow::Result<maskprune_train::Budget> {
+    let b = &config.budget;
+    maskprune_train::Budget::new(
+        model,
+        b.granularity,
+        b.round_to,
+        b.sparsity,
+        b.target_params,
+    )
+    .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))
+}
+
 fn run_training(o: &TrainOptions, run_dir: &Path) -> anyhow::Result<TrainSummary> {
     let config = if o.resume {
         anyhow::ensure!(
@@ -292,15 +309,7 @@ fn run_training(o: &TrainOptions, run_dir: &Path) -> anyhow::Result<TrainSummary
         let config = resolve_config(o)?;
         // Impossible budgets fail before anything is written.
         let model_config = maskprune_model::ModelConfig::from_file(&o.model.join("config.json"))?;
-        let b = &config.budget;
-        maskprune_train::Budget::new(
-            &model_config,
-            b.granularity,
-            b.round_to,
-            b.sparsity,
-            b.target_params,
-        )
-        .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))?;
+        budget_of(o, &config, &model_config)?;
         config
     };
     let calibration = prepare_run(o, &config, run_dir)?;
@@ -414,14 +423,7 @@ fn baseline_plan(a: &PruneArgs, method: Method, run_dir: &Path) -> anyhow::Resul
         Some(p) => widths_of_plan(p, &model_config)?,
         None => {
             let b = &config.budget;
-            let budget = maskprune_train::Budget::new(
-                &model_config,
-                b.granularity,
-                b.round_to,
-                b.sparsity,
-                b.target_params,
-            )
-            .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))?;
+            let budget = budget_of(o, &config, &model_config)?;
             let sparsity = 1.0 - budget.target as f64 / budget.dense as f64;
             let w = uniform_widths(&model_config, b.granularity, sparsity, b.round_to)
                 .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))?;

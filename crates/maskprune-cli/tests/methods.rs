@@ -19,23 +19,8 @@ fn json(path: &Path) -> Value {
 
 /// A calibration file of random windows and a 6-step config, in `dir`.
 fn inputs(dir: &Path) -> (String, String) {
-    let mut x = 777u64;
-    let samples: Vec<Vec<u64>> = (0..24)
-        .map(|_| {
-            (0..16)
-                .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    (x >> 33) % 288
-                })
-                .collect()
-        })
-        .collect();
-    let calib = serde_json::json!({
-        "dataset": "random", "file": "(generated)", "sha256": "", "documents": [0, 0], "seed": 0,
-        "seq_len": 16, "tokenizer_sha256": "", "samples": samples,
-    });
     let calib_path = dir.join("calib.json");
-    std::fs::write(&calib_path, calib.to_string()).unwrap();
+    common::random_calibration(&calib_path, 24, 16, 288, 777);
     let config_path = dir.join("tiny.toml");
     std::fs::write(
         &config_path,
@@ -327,19 +312,22 @@ fn reproduce_table_quick_writes_the_table() {
     )
     .unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let status = std::process::Command::new("bash")
-        .arg(root.join("scripts/reproduce-table.sh"))
-        .arg("--quick")
-        .current_dir(&root)
-        .env("MASKPRUNE_BIN", env!("CARGO_BIN_EXE_maskprune"))
-        .env("MASKPRUNE_DATA", &data)
-        .env("MODEL", fixtures().join("tiny-llama"))
-        .env("NAME", "tiny")
-        .env("CONFIGS", &configs)
-        .env("WORK", dir.join("work"))
-        .env("RESULTS", dir.join("results"))
-        .output()
-        .unwrap();
+    let quick = || {
+        std::process::Command::new("bash")
+            .arg(root.join("scripts/reproduce-table.sh"))
+            .arg("--quick")
+            .current_dir(&root)
+            .env("MASKPRUNE_BIN", env!("CARGO_BIN_EXE_maskprune"))
+            .env("MASKPRUNE_DATA", &data)
+            .env("MODEL", fixtures().join("tiny-llama"))
+            .env("NAME", "tiny")
+            .env("CONFIGS", &configs)
+            .env("WORK", dir.join("work"))
+            .env("RESULTS", dir.join("results"))
+            .output()
+            .unwrap()
+    };
+    let status = quick();
     assert!(
         status.status.success(),
         "{}\n{}",
@@ -376,19 +364,7 @@ fn reproduce_table_quick_writes_the_table() {
     let csv = std::fs::read_to_string(dir.join("results/table.csv")).unwrap();
     assert_eq!(csv.lines().count(), 9);
     // A second run finds every row and recomputes nothing.
-    let again = std::process::Command::new("bash")
-        .arg(root.join("scripts/reproduce-table.sh"))
-        .arg("--quick")
-        .current_dir(&root)
-        .env("MASKPRUNE_BIN", env!("CARGO_BIN_EXE_maskprune"))
-        .env("MASKPRUNE_DATA", &data)
-        .env("MODEL", fixtures().join("tiny-llama"))
-        .env("NAME", "tiny")
-        .env("CONFIGS", &configs)
-        .env("WORK", dir.join("work"))
-        .env("RESULTS", dir.join("results"))
-        .output()
-        .unwrap();
+    let again = quick();
     let text = String::from_utf8_lossy(&again.stdout);
     assert!(
         again.status.success() && !text.contains("== 50%: pruning") && !text.contains("perplexity"),

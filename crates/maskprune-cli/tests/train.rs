@@ -18,23 +18,8 @@ fn scratch(name: &str) -> PathBuf {
 
 /// A calibration file of random windows (vocabulary 288) and a config, in `dir`.
 fn inputs(dir: &Path, steps: u64, max_token: u64) -> (PathBuf, PathBuf) {
-    let mut x = 12345u64;
-    let samples: Vec<Vec<u64>> = (0..40)
-        .map(|_| {
-            (0..16)
-                .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    (x >> 33) % max_token
-                })
-                .collect()
-        })
-        .collect();
-    let calib = serde_json::json!({
-        "dataset": "random", "file": "(generated)", "sha256": "", "documents": [0, 0], "seed": 0,
-        "seq_len": 16, "tokenizer_sha256": "", "samples": samples,
-    });
     let calib_path = dir.join("calib.json");
-    std::fs::write(&calib_path, calib.to_string()).unwrap();
+    common::random_calibration(&calib_path, 40, 16, max_token, 12345);
     let config_path = dir.join("tiny.toml");
     std::fs::write(
         &config_path,

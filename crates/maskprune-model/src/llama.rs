@@ -193,16 +193,7 @@ impl<B: Backend> Attention<B> {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rep = h / kvh;
         let adapter = |pick: fn(&LayerLora<B>) -> Option<&Lora<B>>| lora.and_then(pick);
-        let q = self
-            .q_proj
-            .forward_lora(x.clone(), adapter(|l| l.q_proj.as_ref()));
-        let k = self
-            .k_proj
-            .forward_lora(x.clone(), adapter(|l| l.k_proj.as_ref()));
-        let v = self.v_proj.forward_lora(x, adapter(|l| l.v_proj.as_ref()));
-        let q = rotary.apply(q.reshape([b, t, h, d]).swap_dims(1, 2));
-        let k = rotary.apply(k.reshape([b, t, kvh, d]).swap_dims(1, 2));
-        let v = v.reshape([b, t, kvh, d]).swap_dims(1, 2);
+        let (q, k, v) = self.project(x, rotary, adapter);
         let out = attend(q, k, v, Some(causal), rep);
         let out = match head_mask {
             Some(m) => out * m.clone().reshape([1, h, 1, 1]),
@@ -216,6 +207,31 @@ impl<B: Backend> Attention<B> {
             .forward_lora(out, adapter(|l| l.o_proj.as_ref()))
     }
 
+    /// Queries `[b, heads, t, d]` and keys `[b, kv_heads, t, d]` with rotary positions, and
+    /// values `[b, kv_heads, t, d]`; `adapter` gives each projection's LoRA, if any.
+    fn project<'a>(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        adapter: impl Fn(fn(&LayerLora<B>) -> Option<&Lora<B>>) -> Option<&'a Lora<B>>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)
+    where
+        B: 'a,
+    {
+        let [b, t, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward_lora(x.clone(), adapter(|l| l.q_proj.as_ref()));
+        let k = self
+            .k_proj
+            .forward_lora(x.clone(), adapter(|l| l.k_proj.as_ref()));
+        let v = self.v_proj.forward_lora(x, adapter(|l| l.v_proj.as_ref()));
+        let q = rotary.apply(q.reshape([b, t, h, d]).swap_dims(1, 2));
+        let k = rotary.apply(k.reshape([b, t, kvh, d]).swap_dims(1, 2));
+        (q, k, v.reshape([b, t, kvh, d]).swap_dims(1, 2))
+    }
+
     /// Attention of `t` new positions over the cached keys and values plus their own; the
     /// cache grows by `t`. `causal` is `[1, 1, t, past + t]`.
     pub fn forward_cached(
@@ -227,12 +243,7 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone());
-        let k = self.k_proj.forward(x.clone());
-        let v = self.v_proj.forward(x);
-        let q = rotary.apply(q.reshape([b, t, h, d]).swap_dims(1, 2));
-        let k = rotary.apply(k.reshape([b, t, kvh, d]).swap_dims(1, 2));
-        let v = v.reshape([b, t, kvh, d]).swap_dims(1, 2);
+        let (q, k, v) = self.project(x, rotary, |_| None);
         let (k, v) = match cache.kv.take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
             None => (k, v),

@@ -81,13 +81,7 @@ fn check_indices(what: &str, layer: usize, idx: &[usize], bound: usize) -> Resul
 impl PrunePlan {
     /// Checks the plan fits `config` and is uniform; returns the pruned architecture.
     pub fn validate(&self, config: &ModelConfig) -> Result<PrunedShape, String> {
-        if self.layers.len() != config.num_hidden_layers {
-            return Err(format!(
-                "plan has {} layers but the model has {} (masks from another model?)",
-                self.layers.len(),
-                config.num_hidden_layers
-            ));
-        }
+        self.check_layer_count(config)?;
         let group = config.group_size();
         let first = &self.layers[0];
         for (l, p) in self.layers.iter().enumerate() {
@@ -144,10 +138,7 @@ impl PrunePlan {
         })
     }
 
-    /// Checks a plan that is applied as masks (`mask_checkpoint_with_lora`): layer count,
-    /// index ranges, and query heads only under kept KV heads; layers may keep different
-    /// numbers of units (or none). Returns the units kept per layer.
-    pub fn validate_masked(&self, config: &ModelConfig) -> Result<Vec<[usize; 3]>, String> {
+    fn check_layer_count(&self, config: &ModelConfig) -> Result<(), String> {
         if self.layers.len() != config.num_hidden_layers {
             return Err(format!(
                 "plan has {} layers but the model has {} (masks from another model?)",
@@ -155,6 +146,14 @@ impl PrunePlan {
                 config.num_hidden_layers
             ));
         }
+        Ok(())
+    }
+
+    /// Checks a plan that is applied as masks (`mask_checkpoint_with_lora`): layer count,
+    /// index ranges, and query heads only under kept KV heads; layers may keep different
+    /// numbers of units (or none). Returns the units kept per layer.
+    pub fn validate_masked(&self, config: &ModelConfig) -> Result<Vec<[usize; 3]>, String> {
+        self.check_layer_count(config)?;
         let group = config.group_size();
         self.layers
             .iter()

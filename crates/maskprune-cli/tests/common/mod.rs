@@ -40,3 +40,24 @@ pub fn scratch(prefix: &str, name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A calibration file (`maskprune calib` format) of `windows` seeded random windows of `len`
+/// token ids below `max_token`, written to `path`.
+pub fn random_calibration(path: &Path, windows: usize, len: usize, max_token: u64, seed: u64) {
+    let mut x = seed;
+    let samples: Vec<Vec<u64>> = (0..windows)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (x >> 33) % max_token
+                })
+                .collect()
+        })
+        .collect();
+    let calib = serde_json::json!({
+        "dataset": "random", "file": "(generated)", "sha256": "", "documents": [0, 0], "seed": 0,
+        "seq_len": len, "tokenizer_sha256": "", "samples": samples,
+    });
+    std::fs::write(path, calib.to_string()).unwrap();
+}
