@@ -10,8 +10,7 @@ use maskprune_data::CalibrationSet;
 use maskprune_model::{output::write_file_atomically, Llama, ModelConfig, WeightStore};
 use maskprune_surgery::rank::plan_from_scores;
 use maskprune_surgery::{
-    magnitude_scores, mask_checkpoint_with_lora, prune_checkpoint_with_lora, uniform_widths,
-    Granularity, LayerScores, PrunePlan, Widths,
+    apply_plan, magnitude_scores, uniform_widths, Granularity, LayerScores, PrunePlan, Widths,
 };
 
 use crate::backend::{dispatch_autodiff, AutodiffJob, DeviceArg};
@@ -278,11 +277,14 @@ pub fn surgery(a: SurgeryArgs) -> anyhow::Result<()> {
         a.model.display(),
         a.plan.display()
     ));
-    let r = if a.masked {
-        mask_checkpoint_with_lora(&a.model, &plan, a.lora.as_deref(), &a.out, a.overwrite)?
-    } else {
-        prune_checkpoint_with_lora(&a.model, &plan, a.lora.as_deref(), &a.out, a.overwrite)?
-    };
+    let r = apply_plan_with_bar(
+        &a.model,
+        &plan,
+        a.lora.as_deref(),
+        &a.out,
+        a.overwrite,
+        a.masked,
+    )?;
     println!(
         "wrote {}: {} -> {} parameters ({:.1}% of all, {:.1}% of decoder-layer linear weights removed); heads {} / KV heads {} / MLP {}",
         a.out.display(),
@@ -295,6 +297,32 @@ pub fn surgery(a: SurgeryArgs) -> anyhow::Result<()> {
         r.shape.intermediate_size
     );
     Ok(())
+}
+
+/// Weight surgery (`maskprune_surgery::apply_plan`) with a progress bar over the tensors.
+pub fn apply_plan_with_bar(
+    model: &std::path::Path,
+    plan: &PrunePlan,
+    lora: Option<&std::path::Path>,
+    out: &std::path::Path,
+    overwrite: bool,
+    masked: bool,
+) -> anyhow::Result<maskprune_surgery::SurgeryReport> {
+    let bar = progress::bar("surgery", 0, "tensors");
+    let report = apply_plan(
+        model,
+        plan,
+        lora,
+        out,
+        overwrite,
+        masked,
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    Ok(report)
 }
 
 fn read_plan(path: &std::path::Path) -> anyhow::Result<PrunePlan> {

@@ -9,13 +9,13 @@ use maskprune_data::CalibrationSet;
 use maskprune_model::output::write_file_atomically;
 use maskprune_model::Llama;
 use maskprune_surgery::rank::plan_from_scores;
-use maskprune_surgery::{
-    mask_checkpoint_with_lora, prune_checkpoint_with_lora, uniform_widths, Granularity, PrunePlan,
-};
+use maskprune_surgery::{uniform_widths, Granularity, PrunePlan};
 use maskprune_train::{files, train, RunSpec, TrainConfig, TrainSummary};
 
 use crate::backend::{dispatch_autodiff, AutodiffJob, DeviceArg};
-use crate::prune_stages::{read_scores, widths_of_plan, write_scores, ScoreJob};
+use crate::prune_stages::{
+    apply_plan_with_bar, read_scores, widths_of_plan, write_scores, ScoreJob,
+};
 use crate::{calib, progress};
 
 /// Options shared by `train-masks` and `prune`.
@@ -371,7 +371,7 @@ pub fn prune(a: PruneArgs) -> anyhow::Result<()> {
     let r = match a.method {
         PruneMethod::Baseline(m) => {
             let plan = baseline_plan(&a, m, &run_dir)?;
-            prune_checkpoint_with_lora(&a.opts.model, &plan, None, &a.out, a.overwrite)?
+            apply_plan_with_bar(&a.opts.model, &plan, None, &a.out, a.overwrite, false)?
         }
         method => {
             anyhow::ensure!(
@@ -391,11 +391,14 @@ pub fn prune(a: PruneArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("{}: cannot read", plan_path.display()))?,
             )?;
             let lora = run_dir.join(files::LORA);
-            if nonuniform {
-                mask_checkpoint_with_lora(&a.opts.model, &plan, Some(&lora), &a.out, a.overwrite)?
-            } else {
-                prune_checkpoint_with_lora(&a.opts.model, &plan, Some(&lora), &a.out, a.overwrite)?
-            }
+            apply_plan_with_bar(
+                &a.opts.model,
+                &plan,
+                Some(&lora),
+                &a.out,
+                a.overwrite,
+                nonuniform,
+            )?
         }
     };
     println!(

@@ -197,7 +197,7 @@ pub fn prune_checkpoint_with_lora(
     out: &Path,
     overwrite: bool,
 ) -> Result<SurgeryReport> {
-    write_checkpoint(src, plan, lora, out, overwrite, false)
+    apply_plan(src, plan, lora, out, overwrite, false, &mut |_, _| {})
 }
 
 /// Writes the model with every unit the plan drops zeroed (its `o_proj`/`down_proj` columns)
@@ -211,16 +211,19 @@ pub fn mask_checkpoint_with_lora(
     out: &Path,
     overwrite: bool,
 ) -> Result<SurgeryReport> {
-    write_checkpoint(src, plan, lora, out, overwrite, true)
+    apply_plan(src, plan, lora, out, overwrite, true, &mut |_, _| {})
 }
 
-fn write_checkpoint(
+/// [`prune_checkpoint_with_lora`] (`masked = false`) or [`mask_checkpoint_with_lora`]
+/// (`masked = true`), calling `on_tensor(done, total)` after each tensor (progress bars).
+pub fn apply_plan(
     src: &Path,
     plan: &PrunePlan,
     lora: Option<&Path>,
     out: &Path,
     overwrite: bool,
     masked: bool,
+    on_tensor: &mut dyn FnMut(usize, usize),
 ) -> Result<SurgeryReport> {
     let config_path = src.join("config.json");
     let config = ModelConfig::from_file(&config_path)?;
@@ -243,7 +246,10 @@ fn write_checkpoint(
     };
     let d = config.head_dim;
     let mut tensors = Vec::new();
-    for name in store.names() {
+    let names = store.names();
+    let total = names.len();
+    for (done, name) in names.into_iter().enumerate() {
+        on_tensor(done, total);
         let (dtype, tshape, bytes) = store.raw(name).expect("listed tensor exists");
         if let Some((dshape, delta)) = deltas.remove(name) {
             if dshape != tshape {
