@@ -95,7 +95,10 @@ pub fn build(
         "calib: drawing {samples} windows of {seq_len} tokens from {}",
         file.display()
     ));
+    // One document is drawn and encoded per window (a few more when documents are short).
+    let bar = progress::bar("calib", samples as u64, "documents");
     let encode = |text: &str| -> Result<Vec<u32>, DataError> {
+        bar.inc(1);
         let enc = tokenizer
             .encode(text, false)
             .map_err(|e| DataError(format!("{}: tokenization failed: {e}", file.display())))?;
@@ -103,6 +106,7 @@ pub fn build(
     };
     let windows = sample_windows(docs, &|t| encode(t), samples, seq_len, seed)
         .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.0))?;
+    bar.finish_and_clear();
     Ok(CalibrationSet {
         dataset: manifest.name.clone(),
         file: file.display().to_string(),
