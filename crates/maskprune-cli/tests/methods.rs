@@ -291,10 +291,24 @@ fn ranking_bad_inputs_are_one_line_errors() {
     }
 }
 
-/// The shared data directory, when this checkout has one.
+/// A data directory with the evaluation data (WikiText-2, PTB, the zero-shot tasks), found as
+/// the tool finds it: $MASKPRUNE_DATA, ../shared/data next to the checkout, the cache.
 fn shared_data() -> Option<PathBuf> {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
-    d.join("zeroshot/piqa.jsonl").is_file().then_some(d)
+    let candidates = [
+        std::env::var_os("MASKPRUNE_DATA").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")),
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/maskprune/data")),
+    ];
+    candidates.into_iter().flatten().find(|d| {
+        [
+            "zeroshot/piqa.jsonl",
+            "wikitext2/wiki.test.joined.txt",
+            "ptb/ptb.test.txt",
+            "c4/c4-validation-2k.jsonl",
+        ]
+        .iter()
+        .all(|f| d.join(f).is_file())
+    })
 }
 
 #[test]
