@@ -15,11 +15,12 @@
 use std::str::FromStr;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
+use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::next_token_loss;
 use maskprune_model::llama::{transpose, Linear};
 use maskprune_model::{Llama, ModelConfig, Result, Site, WeightStore};
-use maskprune_surgery::rank::{layer_weights, unit_sums, LayerImportance};
+use maskprune_surgery::rank::{unit_sums, LayerImportance};
 use maskprune_surgery::LayerScores;
 
 /// A one-shot ranking method.
@@ -139,10 +140,10 @@ impl ChannelStats {
     }
 }
 
-fn token_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
-    let len = rows[0].len();
-    let ids: Vec<i64> = rows.iter().flatten().map(|&t| t as i64).collect();
-    Tensor::from_data(TensorData::new(ids, [rows.len(), len]), device)
+/// A batch of windows as a token tensor.
+fn tokens<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
+    let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    token_tensor(&rows, device)
 }
 
 /// Scales every column `j` of a row-major `[rows, cols]` matrix: `f(W_ij, a_j)`.
@@ -175,7 +176,7 @@ pub fn activation_scores<B: Backend>(
         .collect();
     let device = model.device();
     for rows in windows.chunks(batch.max(1)) {
-        let tokens = token_tensor::<B>(rows, &device);
+        let tokens = tokens::<B>(rows, &device);
         model.observe(tokens, &mut |layer, site, x| {
             let i = match site {
                 Site::OProjInput => 0,
@@ -185,39 +186,29 @@ pub fn activation_scores<B: Backend>(
         })?;
         on_batch();
     }
+    // Per input column j of the output projections: Wanda-SP weighs |W_ij| by ‖X_j‖, FLAP
+    // weighs W_ij² by Var(X_j).
+    let statistic = match method {
+        Method::WandaSp => ChannelStats::norms,
+        _ => ChannelStats::variances,
+    };
+    let weigh = |x: f32, a: f64| match method {
+        Method::WandaSp => x.abs() as f64 * a,
+        _ => (x as f64).powi(2) * a,
+    };
+    let (h, f) = (c.hidden_size, c.intermediate_size);
     (0..c.num_hidden_layers)
         .map(|l| {
-            let w = layer_weights(store, c, l)?;
-            let (o, down) = (w.o.expect("o_proj"), w.down.expect("down_proj"));
+            let read = |name: &str, shape: [usize; 2]| {
+                store.read_f32(&format!("model.layers.{l}.{name}.weight"), &shape)
+            };
+            let o = read("self_attn.o_proj", [h, o_width])?;
+            let down = read("mlp.down_proj", [h, f])?;
             let [o_stats, down_stats] = &stats[l];
-            let imp = match method {
-                Method::WandaSp => LayerImportance {
-                    o: Some(column_weighted(&o, o_width, &o_stats.norms(), |x, n| {
-                        x.abs() as f64 * n
-                    })),
-                    down: Some(column_weighted(
-                        &down,
-                        c.intermediate_size,
-                        &down_stats.norms(),
-                        |x, n| x.abs() as f64 * n,
-                    )),
-                    ..Default::default()
-                },
-                _ => LayerImportance {
-                    o: Some(column_weighted(
-                        &o,
-                        o_width,
-                        &o_stats.variances(),
-                        |x, v| (x as f64).powi(2) * v,
-                    )),
-                    down: Some(column_weighted(
-                        &down,
-                        c.intermediate_size,
-                        &down_stats.variances(),
-                        |x, v| (x as f64).powi(2) * v,
-                    )),
-                    ..Default::default()
-                },
+            let imp = LayerImportance {
+                o: Some(column_weighted(&o, o_width, &statistic(o_stats), weigh)),
+                down: Some(column_weighted(&down, f, &statistic(down_stats), weigh)),
+                ..Default::default()
             };
             Ok(unit_sums(&imp, c))
         })
@@ -257,11 +248,9 @@ pub fn taylor_scores<B: AutodiffBackend>(
     let device = model.device();
     let mut grad_sums: Vec<Vec<f32>> = Vec::new();
     for rows in windows.chunks(batch.max(1)) {
-        let tokens = token_tensor::<B>(rows, &device);
+        let tokens = tokens::<B>(rows, &device);
         let logits = model.forward(tokens.clone())?;
-        let loss = next_token_loss(logits, tokens);
-        let _: f64 = loss.clone().into_scalar().elem();
-        let grads = loss.backward();
+        let grads = next_token_loss(logits, tokens).backward();
         for (i, lin) in linears_mut(&mut model).into_iter().enumerate() {
             let g: Vec<f32> = lin
                 .weight

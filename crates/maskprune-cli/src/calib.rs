@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
+
 use maskprune_data::{load_rows, resolve_dataset, sample_windows, CalibrationSet, DataError, Role};
 use maskprune_model::{load_tokenizer, output::write_file_atomically, ModelConfig};
 
@@ -117,4 +119,22 @@ pub fn build(
         tokenizer_sha256: file_sha256(&model.join("tokenizer.json"))?,
         samples: windows,
     })
+}
+
+/// Reads a calibration set written by `maskprune calib`.
+pub fn read(path: &Path) -> anyhow::Result<CalibrationSet> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid calibration set: {e}", path.display()))
+}
+
+/// Refuses a calibration set with token ids the model's vocabulary does not have.
+pub fn check_vocabulary(set: &CalibrationSet, vocab: usize) -> anyhow::Result<()> {
+    if let Some(bad) = set.samples.iter().flatten().find(|&&t| t as usize >= vocab) {
+        anyhow::bail!(
+            "calibration set has token id {bad} but the model's vocabulary has {vocab} entries (drawn with another tokenizer?)"
+        );
+    }
+    Ok(())
 }

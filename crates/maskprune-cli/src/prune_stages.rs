@@ -14,7 +14,7 @@ use maskprune_surgery::{
 };
 
 use crate::backend::{dispatch_autodiff, AutodiffJob, DeviceArg};
-use crate::progress;
+use crate::{calib, progress};
 
 /// Arguments of `rank`.
 #[derive(clap::Args)]
@@ -77,7 +77,7 @@ pub fn rank(a: RankArgs) -> anyhow::Result<()> {
         Some(p) => read_scores(p, &config, a.method)?,
         None => {
             let calib = match &a.calib {
-                Some(p) => Some(read_calibration(p)?),
+                Some(p) => Some(calib::read(p)?),
                 None if a.method.needs_calibration() => anyhow::bail!(
                     "--method {} needs calibration data: pass --calib (from `maskprune calib`)",
                     a.method.name()
@@ -181,14 +181,6 @@ pub fn read_scores(
     Ok(saved.layers)
 }
 
-/// Reads a calibration set written by `maskprune calib`.
-pub fn read_calibration(path: &std::path::Path) -> anyhow::Result<CalibrationSet> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: invalid calibration set: {e}", path.display()))
-}
-
 /// Scores every unit of a model with a one-shot method.
 pub struct ScoreJob {
     /// Model directory.
@@ -217,17 +209,7 @@ impl AutodiffJob for ScoreJob {
         }
         let calib = self.calib.expect("checked by the caller");
         anyhow::ensure!(!calib.samples.is_empty(), "the calibration set is empty");
-        if let Some(bad) = calib
-            .samples
-            .iter()
-            .flatten()
-            .find(|&&t| t as usize >= config.vocab_size)
-        {
-            anyhow::bail!(
-                "calibration token id {bad} is outside the model's vocabulary ({}): a calibration set of another tokenizer?",
-                config.vocab_size
-            );
-        }
+        calib::check_vocabulary(&calib, config.vocab_size)?;
         progress::info(format!("loading {} ...", self.model.display()));
         let model = Llama::<B>::from_store(config, &store, &device)?;
         let batches = calib.samples.len().div_ceil(self.batch.max(1));

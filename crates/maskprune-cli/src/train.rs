@@ -223,11 +223,7 @@ fn prepare_run(
             "{}: no checkpoint to resume from",
             run_dir.display()
         );
-        let text = std::fs::read_to_string(&calib_path)
-            .with_context(|| format!("{}: cannot read", calib_path.display()))?;
-        return serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!("{}: invalid calibration set: {e}", calib_path.display())
-        });
+        return calib::read(&calib_path);
     }
     if run_dir.exists() {
         anyhow::ensure!(
@@ -239,12 +235,7 @@ fn prepare_run(
             .with_context(|| format!("{}: cannot remove", run_dir.display()))?;
     }
     let calibration = match &o.calib {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("{}: cannot read", p.display()))?;
-            serde_json::from_str::<CalibrationSet>(&text)
-                .map_err(|e| anyhow::anyhow!("{}: invalid calibration set: {e}", p.display()))?
-        }
+        Some(p) => calib::read(p)?,
         None => {
             let c = &config.calibration;
             calib::build(
@@ -258,16 +249,7 @@ fn prepare_run(
         }
     };
     let vocab = maskprune_model::ModelConfig::from_file(&o.model.join("config.json"))?.vocab_size;
-    if let Some(bad) = calibration
-        .samples
-        .iter()
-        .flatten()
-        .find(|&&t| t as usize >= vocab)
-    {
-        anyhow::bail!(
-            "calibration set has token id {bad} but the model's vocabulary has {vocab} entries (drawn with another tokenizer?)"
-        );
-    }
+    calib::check_vocabulary(&calibration, vocab)?;
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("{}: cannot create", run_dir.display()))?;
     write_file_atomically(&calib_path, &serde_json::to_vec(&calibration)?)?;

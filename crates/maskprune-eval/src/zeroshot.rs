@@ -266,8 +266,7 @@ fn shared_context_scores<B: Backend>(
     // Inputs after the context: every continuation token but the last, right-padded.
     let n = continuations.len();
     let width = continuations.iter().map(|c| c.len() - 1).max().unwrap_or(0);
-    let mut picked = vec![last.clone().repeat_dim(0, n)];
-    let mut positions = Vec::new();
+    let mut picked = vec![last.repeat_dim(0, n)];
     if width > 0 {
         let rows = continuations
             .iter()
@@ -279,13 +278,12 @@ fn shared_context_scores<B: Backend>(
             .collect();
         let mut batch_cache = cache.repeat(n);
         let hidden = model.hidden_states_cached(ids(rows, width), &mut batch_cache)?;
+        let mut positions = Vec::new();
         for (row, c) in continuations.iter().enumerate() {
             positions.extend((0..c.len() - 1).map(|k| (row * width + k) as i64));
         }
-        let index = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(positions.clone(), [positions.len()]),
-            &device,
-        );
+        let count = positions.len();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [count]), &device);
         picked.push(hidden.reshape([n * width, h]).select(0, index));
     }
     // Row order of `picked`: the first token of every choice, then the rest choice by choice.
@@ -294,10 +292,8 @@ fn shared_context_scores<B: Backend>(
         targets.extend(c[1..].iter().map(|&t| t as i64));
     }
     let logits = Tensor::cat(picked, 0).matmul(model.lm_head.clone());
-    let targets = Tensor::<B, 2, Int>::from_data(
-        TensorData::new(targets.clone(), [targets.len(), 1]),
-        &device,
-    );
+    let count = targets.len();
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [count, 1]), &device);
     let logp: Vec<f32> = crate::perplexity::target_logprobs(logits, targets)
         .into_data()
         .convert::<f32>()

@@ -395,6 +395,28 @@ impl<B: Backend> DecoderLayer<B> {
         self.forward_observed(x, rotary, causal, mask, lora, None)
     }
 
+    /// The block over `t` new positions after those in `cache` (dense, no adapters); the
+    /// cache grows by `t`. `causal` is `[1, 1, t, past + t]` (none for one position).
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        causal: Option<&Tensor<B, 4>>,
+        cache: &mut LayerCache<B>,
+    ) -> Tensor<B, 3> {
+        let attn = self.self_attn.forward_cached(
+            self.input_layernorm.forward(x.clone()),
+            rotary,
+            causal,
+            cache,
+        );
+        let x = x + attn;
+        let mlp = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()), None);
+        x + mlp
+    }
+
     /// [`DecoderLayer::forward`] that also shows `observe` the inputs of `o_proj` and
     /// `down_proj` (for activation-based importance scores).
     pub fn forward_observed(
@@ -676,32 +698,14 @@ impl<B: Backend> Llama<B> {
         let device = self.device();
         let rotary = Rotary::new(&self.inv_freq, past, t, &device);
         // One new position sees everything before it: no mask needed.
-        let causal = (t > 1).then(|| {
-            let mut data = vec![0.0f32; t * (past + t)];
-            for i in 0..t {
-                for j in (past + i + 1)..(past + t) {
-                    data[i * (past + t) + j] = f32::NEG_INFINITY;
-                }
-            }
-            Tensor::<B, 4>::from_data(TensorData::new(data, [1, 1, t, past + t]), &device)
-        });
+        let causal = (t > 1).then(|| causal_mask_after::<B>(past, t, &device));
         let mut x = self
             .embed_tokens
             .clone()
             .select(0, tokens.reshape([b * t]))
             .reshape([b, t, c.hidden_size]);
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let attn = layer.self_attn.forward_cached(
-                layer.input_layernorm.forward(x.clone()),
-                &rotary,
-                causal.as_ref(),
-                lc,
-            );
-            let x1 = x + attn;
-            let mlp = layer
-                .mlp
-                .forward(layer.post_attention_layernorm.forward(x1.clone()), None);
-            x = x1 + mlp;
+            x = layer.forward_cached(x, &rotary, causal.as_ref(), lc);
         }
         cache.len += t;
         Ok(self.norm.forward(x))
@@ -725,13 +729,20 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 
 /// Additive causal mask `[1, 1, len, len]`: 0 on and below the diagonal, -inf above.
 pub fn causal_mask<B: Backend>(len: usize, device: &B::Device) -> Tensor<B, 4> {
-    let mut data = vec![0.0f32; len * len];
+    causal_mask_after(0, len, device)
+}
+
+/// Additive causal mask `[1, 1, len, past + len]` of `len` new positions after `past` cached
+/// ones: position `i` sees every cached position and the new ones up to itself.
+pub fn causal_mask_after<B: Backend>(past: usize, len: usize, device: &B::Device) -> Tensor<B, 4> {
+    let width = past + len;
+    let mut data = vec![0.0f32; len * width];
     for i in 0..len {
-        for j in (i + 1)..len {
-            data[i * len + j] = f32::NEG_INFINITY;
+        for j in (past + i + 1)..width {
+            data[i * width + j] = f32::NEG_INFINITY;
         }
     }
-    Tensor::from_data(TensorData::new(data, [1, 1, len, len]), device)
+    Tensor::from_data(TensorData::new(data, [1, 1, len, width]), device)
 }
 
 /// Row-major transpose of a `rows x cols` matrix.

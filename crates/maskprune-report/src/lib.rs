@@ -304,15 +304,16 @@ pub fn write_report(run: &Path, results: Option<&Path>) -> Result<PathBuf, Strin
         None => None,
     };
     let title = format!("Run report: {}", run.display());
+    let summary = summary_lines(run);
     let mut md = format!("# {title}\n\n");
-    for l in summary_lines(run) {
-        md += &l;
+    for l in &summary {
+        md += l;
         md += "\n";
     }
     let mut html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title><style>body{{font-family:sans-serif;max-width:1000px;margin:auto}}figure{{margin:1em 0}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body><h1>{title}</h1><ul>"
     );
-    for l in summary_lines(run) {
+    for l in &summary {
         html += &format!("<li>{}</li>", escape(l.trim_start_matches("- ")));
     }
     html += "</ul>";

@@ -78,6 +78,23 @@ fn check_indices(what: &str, layer: usize, idx: &[usize], bound: usize) -> Resul
     Ok(())
 }
 
+impl LayerPlan {
+    /// Every kept query head's KV head (`group` query heads per KV head) is kept too.
+    fn check_kv_heads_kept(&self, layer: usize, group: usize) -> Result<(), String> {
+        match self
+            .query_heads
+            .iter()
+            .find(|&&q| !self.kv_heads.contains(&(q / group)))
+        {
+            Some(q) => Err(format!(
+                "layer {layer}: query head {q} is kept but its KV head {} is not",
+                q / group
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 impl PrunePlan {
     /// Checks the plan fits `config` and is uniform; returns the pruned architecture.
     pub fn validate(&self, config: &ModelConfig) -> Result<PrunedShape, String> {
@@ -110,16 +127,7 @@ impl PrunePlan {
                     ));
                 }
             }
-            if let Some(q) = p
-                .query_heads
-                .iter()
-                .find(|&&q| !p.kv_heads.contains(&(q / group)))
-            {
-                return Err(format!(
-                    "layer {l}: query head {q} is kept but its KV head {} is not",
-                    q / group
-                ));
-            }
+            p.check_kv_heads_kept(l, group)?;
             if self.granularity == Granularity::QueryHead
                 && p.kv_heads.len() != config.num_key_value_heads
             {
@@ -168,16 +176,7 @@ impl PrunePlan {
                         check_indices(what, l, idx, bound)?;
                     }
                 }
-                if let Some(q) = p
-                    .query_heads
-                    .iter()
-                    .find(|&&q| !p.kv_heads.contains(&(q / group)))
-                {
-                    return Err(format!(
-                        "layer {l}: query head {q} is kept but its KV head {} is not",
-                        q / group
-                    ));
-                }
+                p.check_kv_heads_kept(l, group)?;
                 Ok([p.query_heads.len(), p.kv_heads.len(), p.channels.len()])
             })
             .collect()

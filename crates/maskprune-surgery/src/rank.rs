@@ -93,7 +93,7 @@ pub fn unit_sums(imp: &LayerImportance, c: &ModelConfig) -> LayerScores {
 }
 
 /// Reads one layer's seven projection weights (PyTorch layout) as f32.
-pub fn layer_weights(store: &WeightStore, c: &ModelConfig, l: usize) -> Result<LayerImportance> {
+fn layer_weights(store: &WeightStore, c: &ModelConfig, l: usize) -> Result<LayerImportance> {
     let (h, d, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
     let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
     let p = format!("model.layers.{l}");
