@@ -14,6 +14,7 @@ Usage: V/bin/python scripts/bench_train_torch.py --model DIR [--shapes 4x128] [-
 import argparse
 import json
 import os
+import resource
 import time
 
 import torch
@@ -106,8 +107,11 @@ def main():
         median = times[len(times) // 2]
         print(f"torch train step {b}x{t}: {median:.3f}s median of {len(times)}")
         results.append({"batch": b, "seq_len": t, "seconds": times, "median_s": median})
+    # Peak resident set of this process (model load included, as in `maskprune bench`).
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"torch peak RSS {peak / 2**30:.2f} GiB")
     report = {"bench": "train_step", "model": a.model, "backend": f"torch {torch.__version__}",
-              "threads": torch.get_num_threads(), "results": results}
+              "threads": torch.get_num_threads(), "results": results, "peak_rss_bytes": peak}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -2,12 +2,12 @@
 //! checkpoints, and the baselines' scores checked against their definitions computed here
 //! independently (activations by running the layers by hand, Taylor by finite differences).
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::{Autodiff, Flex};
 use burn::tensor::{backend::Backend, Int, Tensor};
 use maskprune_baselines::{activation_scores, taylor_scores, Method};
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::next_token_loss;
-use maskprune_model::llama::{causal_mask, silu};
+use maskprune_model::llama::silu;
 use maskprune_model::rope::{inverse_frequencies, Rotary};
 use maskprune_model::{KvCache, Llama, ModelConfig, WeightStore};
 use maskprune_surgery::{mask_checkpoint_with_lora, Granularity, LayerPlan, PrunePlan};
@@ -112,20 +112,19 @@ fn down_inputs_by_hand(model: &Llama<B>, l: usize) -> Vec<Vec<f32>> {
     let toks = tokens::<B>(&device);
     let [b, t] = toks.dims();
     let rotary = Rotary::new(&inverse_frequencies(c), 0, t, &device);
-    let causal = causal_mask::<B>(t, &device);
     let mut x = model
         .embed_tokens
         .clone()
         .select(0, toks.reshape([b * t]))
         .reshape([b, t, c.hidden_size]);
     for layer in &model.layers[..l] {
-        x = layer.forward(x, &rotary, &causal, None, None);
+        x = layer.forward(x, &rotary, None, None);
     }
     let layer = &model.layers[l];
     let x = x.clone()
         + layer
             .self_attn
-            .forward(layer.input_layernorm.forward(x), &rotary, &causal, None);
+            .forward(layer.input_layernorm.forward(x), &rotary, None);
     let n = layer.post_attention_layernorm.forward(x);
     let act = silu(layer.mlp.gate_proj.forward(n.clone())) * layer.mlp.up_proj.forward(n);
     let f = c.intermediate_size;
@@ -182,7 +181,7 @@ fn wanda_sp_and_flap_channel_scores_follow_their_definitions() {
     }
 }
 
-type AD = Autodiff<NdArray>;
+type AD = Autodiff<Flex>;
 
 #[test]
 fn taylor_channel_scores_sum_weight_times_accumulated_gradient() {
@@ -210,7 +209,7 @@ fn taylor_channel_scores_sum_weight_times_accumulated_gradient() {
         *w = w.clone().require_grad();
     }
     let host =
-        |t: Tensor<NdArray, 2>| -> Vec<f64> { t.into_data().convert::<f64>().to_vec().unwrap() };
+        |t: Tensor<Flex, 2>| -> Vec<f64> { t.into_data().convert::<f64>().to_vec().unwrap() };
     let mut sums: Vec<Vec<f64>> = Vec::new();
     for row in &windows {
         let toks: Tensor<AD, 2, Int> = token_tensor(&[row.as_slice()], &device);

@@ -2,12 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::backend::NdArray;
+use burn::backend::Flex;
 use burn::tensor::Tensor;
 use serde_json::Value;
 
 /// The CPU backend the tests run on.
-pub type B = NdArray;
+pub type B = Flex;
 
 /// `tests/fixtures`.
 pub fn fixtures() -> PathBuf {

@@ -1,7 +1,7 @@
 //! Gradients through the real model: masks (straight-through) and LoRA get them, frozen
 //! weights do not, and the mask gradient agrees with finite differences of the loss.
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Tensor, TensorData};
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::{distillation_kl, Granularity, UnitMasks};
@@ -9,7 +9,7 @@ use maskprune_model::{LayerMask, Llama};
 use maskprune_tests::*;
 use maskprune_train::{config::LoraSettings, Adapters};
 
-type AD = Autodiff<NdArray>;
+type AD = Autodiff<Flex>;
 
 fn setup() -> (Llama<AD>, Tensor<AD, 2, burn::tensor::Int>) {
     let model = Llama::<AD>::load(&fixtures().join("tiny-llama"), &Default::default()).unwrap();

@@ -8,7 +8,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 /// The `--device` flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceArg {
-    /// burn-ndarray on the CPU.
+    /// burn-flex on the CPU (faster than burn-ndarray here: see DEVELOPERS.md, "Speed").
     Cpu,
     /// burn-cuda on GPU N.
     Cuda(usize),
@@ -49,7 +49,7 @@ pub trait BackendJob {
 /// Runs `job` on the backend `device` names.
 pub fn dispatch<J: BackendJob>(device: DeviceArg, job: J) -> anyhow::Result<J::Output> {
     match device {
-        DeviceArg::Cpu => job.run::<burn::backend::NdArray>(Default::default()),
+        DeviceArg::Cpu => job.run::<burn::backend::Flex>(Default::default()),
         #[cfg(feature = "cuda")]
         DeviceArg::Cuda(n) => {
             job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(n))
@@ -73,7 +73,7 @@ pub trait AutodiffJob {
 pub fn dispatch_autodiff<J: AutodiffJob>(device: DeviceArg, job: J) -> anyhow::Result<J::Output> {
     use burn::backend::Autodiff;
     match device {
-        DeviceArg::Cpu => job.run::<Autodiff<burn::backend::NdArray>>(Default::default()),
+        DeviceArg::Cpu => job.run::<Autodiff<burn::backend::Flex>>(Default::default()),
         #[cfg(feature = "cuda")]
         DeviceArg::Cuda(n) => {
             job.run::<Autodiff<burn::backend::Cuda>>(burn::backend::cuda::CudaDevice::new(n))

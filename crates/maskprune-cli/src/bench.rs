@@ -22,7 +22,9 @@ pub struct Args {
     /// process, and the report has the ratios model / baseline.
     #[arg(long)]
     baseline: Option<PathBuf>,
-    /// Prefill shapes BATCHxLEN, comma separated.
+    /// Shapes BATCHxLEN, comma separated, or `none`: each is timed as a full forward (logits
+    /// at every position, as perplexity needs) and as a prefill (the KV cache filled, logits
+    /// of the last position only, as generation needs).
     #[arg(long, default_value = "1x512,4x256")]
     shapes: String,
     /// Decode with a KV cache: BATCHxPROMPT+NEW (prefill PROMPT tokens, then NEW greedy
@@ -35,8 +37,10 @@ pub struct Args {
     /// Timed runs per shape (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Also time one mask-training step per shape: teacher forward, student forward and
-    /// backward with straight-through masks (kv_group) and LoRA rank 8 on q and v.
+    /// Time one mask-training step per shape instead (alone in the process, so peak RSS is
+    /// the step's): teacher forward, student forward and backward with straight-through masks
+    /// (kv_group) and LoRA rank 8 on q and v; then the same step with the teacher's hidden
+    /// states cached, as `train-masks` runs it.
     #[arg(long)]
     train_step: bool,
     /// Write the measurements here.
@@ -47,6 +51,9 @@ pub struct Args {
 }
 
 fn parse_shapes(s: &str) -> anyhow::Result<Vec<(usize, usize)>> {
+    if s == "none" {
+        return Ok(Vec::new());
+    }
     s.split(',')
         .map(|p| {
             let (b, t) = p
@@ -169,10 +176,12 @@ fn ratios(model: &serde_json::Value, base: &serde_json::Value) -> serde_json::Va
     for key in ["params", "macs_per_token_linear", "peak_rss_bytes"] {
         out.insert(key.into(), ratio(&model[key], &base[key]));
     }
-    if let (Some(m), Some(b)) = (model["prefill"].as_array(), base["prefill"].as_array()) {
-        for (m, b) in m.iter().zip(b) {
-            let name = format!("prefill_{}x{}_tokens_per_s", m["batch"], m["seq_len"]);
-            out.insert(name, ratio(&m["tokens_per_s"], &b["tokens_per_s"]));
+    for what in ["forward", "prefill"] {
+        if let (Some(m), Some(b)) = (model[what].as_array(), base[what].as_array()) {
+            for (m, b) in m.iter().zip(b) {
+                let name = format!("{what}_{}x{}_tokens_per_s", m["batch"], m["seq_len"]);
+                out.insert(name, ratio(&m["tokens_per_s"], &b["tokens_per_s"]));
+            }
         }
     }
     out.insert(
@@ -212,10 +221,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.repeats,
     );
     let json = args.json.clone();
-    let mut report = dispatch(device, Job(args, shapes))?;
-    if train {
-        report["train_step"] = dispatch_autodiff(device, job)?;
-    }
+    let report = if train {
+        let mut report = dispatch_autodiff(device, job)?;
+        report["peak_rss_bytes"] = json!(peak_rss_bytes());
+        report
+    } else {
+        dispatch(device, Job(args, shapes))?
+    };
     if let Some(p) = &json {
         write_file_atomically(p, &serde_json::to_vec_pretty(&report)?)?;
         progress::info(format!("wrote {}", p.display()));
@@ -252,33 +264,36 @@ impl AutodiffJob for TrainStepJob {
                 &device,
                 burn::tensor::Tensor::require_grad,
             );
-            let mut times = Vec::new();
-            for i in 0..warmup + repeats {
-                let start = Instant::now();
-                let teacher = model.forward(token_tensor(&rows, &device))?.detach();
-                let student = model.forward_with(
-                    token_tensor(&rows, &device),
-                    Some(&masks.layer_masks()),
-                    Some(&lora),
-                )?;
-                let loss = distillation_kl(student, teacher, 2.0);
-                let grads = loss.backward();
+            let tokens = || token_tensor(&rows, &device);
+            let step = |teacher: burn::tensor::Tensor<B, 3>| -> anyhow::Result<()> {
+                let student =
+                    model.forward_with(tokens(), Some(&masks.layer_masks()), Some(&lora))?;
+                let grads = distillation_kl(student, teacher, 2.0).backward();
                 // Reading a gradient back forces the backend to finish.
                 let _ = masks.channels[0]
                     .grad(&grads)
                     .map(|g| g.sum().into_scalar());
-                if i >= warmup {
-                    times.push(start.elapsed().as_secs_f64());
-                }
-            }
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
-            println!("train step {batch}x{len}: {median:.3}s median of {} (teacher fwd + student fwd/bwd)", times.len());
-            out.push(json!({"batch": batch, "seq_len": len, "seconds": times, "median_s": median}));
+                Ok(())
+            };
+            let full = time_runs(warmup, repeats, || step(model.forward(tokens())?.detach()))?;
+            let hidden = model.hidden_states(tokens(), None, None)?.detach();
+            let cached = time_runs(warmup, repeats, || step(model.logits(hidden.clone())))?;
+            println!(
+                "train step {batch}x{len}: {:.3}s median of {repeats} (teacher fwd + student fwd/bwd); {:.3}s with the teacher's hidden states cached",
+                median(&full),
+                median(&cached)
+            );
+            out.push(json!({"batch": batch, "seq_len": len, "seconds": full, "median_s": median(&full),
+                            "cached_teacher_seconds": cached, "cached_teacher_median_s": median(&cached)}));
         }
-        Ok(
-            json!({"what": "teacher forward + student forward and backward, kv_group masks (STE) + LoRA r8 on q,v, KL T=2", "results": out}),
-        )
+        Ok(json!({
+            "bench": "train_step",
+            "model": dir,
+            "what": "teacher forward + student forward and backward, kv_group masks (STE) + LoRA r8 on q,v, KL T=2",
+            "backend": std::any::type_name::<B>(),
+            "threads": available_threads(),
+            "results": out,
+        }))
     }
 }
 
@@ -288,34 +303,45 @@ impl BackendJob for Job {
         let Job(a, shapes) = self;
         let model = Llama::<B>::load(&a.model, &device)?;
         let vocab = model.config.vocab_size as u64;
-        let mut rows_out = Vec::new();
         let pb = progress::bar(
             "bench",
-            (shapes.len() * (a.warmup + a.repeats)) as u64,
+            (2 * shapes.len() * (a.warmup + a.repeats)) as u64,
             "runs",
         );
+        let (mut forward, mut prefill) = (Vec::new(), Vec::new());
         for (batch, len) in shapes {
             let tokens = random_rows(batch, len, vocab);
             let rows: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
-            let mut times = Vec::new();
-            for i in 0..a.warmup + a.repeats {
-                let start = Instant::now();
+            let full = time_runs(a.warmup, a.repeats, || {
                 let logits = model.forward(token_tensor(&rows, &device))?;
                 // Reading one value back forces the (possibly asynchronous) backend to finish.
                 let _ = logits.narrow(1, len - 1, 1).sum().into_scalar();
-                if i >= a.warmup {
-                    times.push(start.elapsed().as_secs_f64());
-                }
                 pb.inc(1);
+                Ok(())
+            })?;
+            let last = time_runs(a.warmup, a.repeats, || {
+                let mut cache = KvCache::new(model.config.num_hidden_layers);
+                let hidden =
+                    model.hidden_states_cached(token_tensor(&rows, &device), &mut cache)?;
+                let _ = model
+                    .logits(hidden.narrow(1, len - 1, 1))
+                    .sum()
+                    .into_scalar();
+                pb.inc(1);
+                Ok(())
+            })?;
+            for (what, times, out) in [
+                ("forward", full, &mut forward),
+                ("prefill", last, &mut prefill),
+            ] {
+                let tps = (batch * len) as f64 / median(&times);
+                println!(
+                    "{what} {batch}x{len}: {:.3}s median of {}, {tps:.0} tokens/s",
+                    median(&times),
+                    times.len()
+                );
+                out.push(json!({"batch": batch, "seq_len": len, "seconds": times, "median_s": median(&times), "tokens_per_s": tps}));
             }
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
-            let tps = (batch * len) as f64 / median;
-            println!(
-                "forward {batch}x{len}: {median:.3}s median of {}, {tps:.0} tokens/s",
-                times.len()
-            );
-            rows_out.push(json!({"batch": batch, "seq_len": len, "seconds": times, "median_s": median, "tokens_per_s": tps}));
         }
         pb.finish_and_clear();
         let decoded = match parse_decode(&a.decode)? {
@@ -336,12 +362,37 @@ impl BackendJob for Job {
             "attention_macs_per_token_per_context_position": per_position,
             "backend": format!("burn {} ({})", a.run.device, std::any::type_name::<B>()),
             "threads": available_threads(),
-            "prefill": rows_out,
+            "forward": forward,
+            "prefill": prefill,
             "decode": decoded,
             "peak_rss_bytes": peak_rss_bytes(),
         });
         Ok(report)
     }
+}
+
+/// Times `warmup + repeats` runs of `f` and returns the timed ones, in seconds.
+fn time_runs(
+    warmup: usize,
+    repeats: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut times = Vec::new();
+    for i in 0..warmup + repeats {
+        let start = Instant::now();
+        f()?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times)
+}
+
+/// The median of `times` (the upper one of an even count).
+fn median(times: &[f64]) -> f64 {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn available_threads() -> usize {

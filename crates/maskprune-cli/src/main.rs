@@ -27,6 +27,17 @@ use crate::backend::DeviceArg;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (v2 `mimalloc.h`; libmimalloc-sys names no constant).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory mapped instead of handing it back to the OS 10 ms later: the next
+/// layer's tensors of the same sizes then reuse it without page faults (the kernel zeroing
+/// fresh pages was 14% of a 1x1024 forward).
+fn keep_freed_memory() {
+    // SAFETY: sets a process-wide allocator option; no pointer is passed.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
 /// Structured pruning of LLaMA-family models with learned masks (MaskPrune).
 #[derive(Parser)]
 #[command(name = "maskprune", version, about, long_about = None)]
@@ -94,6 +105,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version

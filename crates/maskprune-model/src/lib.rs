@@ -4,6 +4,7 @@
 //! MLP channels.
 
 pub mod config;
+pub mod cpu_attention;
 pub mod error;
 pub mod family;
 pub mod llama;

@@ -3,10 +3,12 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::softmax;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
+use crate::cpu_attention;
 use crate::error::{ModelError, Result};
 use crate::rope::{inverse_frequencies, Rotary};
 use crate::weights::WeightStore;
@@ -173,10 +175,9 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
-        causal: &Tensor<B, 4>,
         head_mask: Option<&Tensor<B, 1>>,
     ) -> Tensor<B, 3> {
-        self.forward_lora(x, rotary, causal, head_mask, None, None)
+        self.forward_lora(x, rotary, head_mask, None, None)
     }
 
     /// [`Attention::forward`] with optional LoRA adapters on the projections.
@@ -184,7 +185,6 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
-        causal: &Tensor<B, 4>,
         head_mask: Option<&Tensor<B, 1>>,
         lora: Option<&LayerLora<B>>,
         observe: Option<&mut Observer<'_, B>>,
@@ -194,12 +194,12 @@ impl<B: Backend> Attention<B> {
         let rep = h / kvh;
         let adapter = |pick: fn(&LayerLora<B>) -> Option<&Lora<B>>| lora.and_then(pick);
         let (q, k, v) = self.project(x, rotary, adapter);
-        let out = attend(q, k, v, Some(causal), rep);
+        let out = attend(q, k, v, rep);
         let out = match head_mask {
-            Some(m) => out * m.clone().reshape([1, h, 1, 1]),
+            Some(m) => out * m.clone().reshape([1, 1, h, 1]),
             None => out,
         };
-        let out = out.swap_dims(1, 2).reshape([b, t, h * d]);
+        let out = out.reshape([b, t, h * d]);
         if let Some(f) = observe {
             f(Site::OProjInput, &out);
         }
@@ -207,8 +207,8 @@ impl<B: Backend> Attention<B> {
             .forward_lora(out, adapter(|l| l.o_proj.as_ref()))
     }
 
-    /// Queries `[b, heads, t, d]` and keys `[b, kv_heads, t, d]` with rotary positions, and
-    /// values `[b, kv_heads, t, d]`; `adapter` gives each projection's LoRA, if any.
+    /// Queries `[b, t, heads, d]` and keys `[b, t, kv_heads, d]` with rotary positions, and
+    /// values `[b, t, kv_heads, d]`; `adapter` gives each projection's LoRA, if any.
     fn project<'a>(
         &self,
         x: Tensor<B, 3>,
@@ -227,35 +227,33 @@ impl<B: Backend> Attention<B> {
             .k_proj
             .forward_lora(x.clone(), adapter(|l| l.k_proj.as_ref()));
         let v = self.v_proj.forward_lora(x, adapter(|l| l.v_proj.as_ref()));
-        let q = rotary.apply(q.reshape([b, t, h, d]).swap_dims(1, 2));
-        let k = rotary.apply(k.reshape([b, t, kvh, d]).swap_dims(1, 2));
-        (q, k, v.reshape([b, t, kvh, d]).swap_dims(1, 2))
+        let q = rotary.apply(q.reshape([b, t, h, d]));
+        let k = rotary.apply(k.reshape([b, t, kvh, d]));
+        (q, k, v.reshape([b, t, kvh, d]))
     }
 
     /// Attention of `t` new positions over the cached keys and values plus their own; the
-    /// cache grows by `t`. `causal` is `[1, 1, t, past + t]`.
+    /// cache grows by `t`.
     pub fn forward_cached(
         &self,
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
-        causal: Option<&Tensor<B, 4>>,
         cache: &mut LayerCache<B>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (q, k, v) = self.project(x, rotary, |_| None);
         let (k, v) = match cache.kv.take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 1), Tensor::cat(vec![pv, v], 1)),
             None => (k, v),
         };
         cache.kv = Some((k.clone(), v.clone()));
-        let out = attend(q, k, v, causal, h / kvh);
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
+        let out = attend(q, k, v, h / kvh);
+        self.o_proj.forward(out.reshape([b, t, h * d]))
     }
 }
 
-/// One layer's cached keys and values, `[batch, kv_heads, past, head_dim]` each.
+/// One layer's cached keys and values, `[batch, past, kv_heads, head_dim]` each.
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
     kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
@@ -298,30 +296,48 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Softmax attention of `q` `[b, h, t, d]` over `k`, `v` `[b, kv_heads, T, d]`, `rep` query
-/// heads per KV head, plus an additive `mask` `[1, 1, t, T]`; returns `[b, h, t, d]`.
+/// Causal softmax attention of `q` `[b, t, h, d]` over `k`, `v` `[b, T, kv_heads, d]` with
+/// `rep` query heads per KV head; the `t` queries are the last `t` of the `T` positions.
+/// Returns `[b, t, h, d]`.
+///
+/// On burn-flex (inference) a tiled CPU kernel does the work ([`crate::cpu_attention`]);
+/// elsewhere burn's `attention` op: a flash kernel on CUDA, a composition of differentiable
+/// tensor ops under autodiff.
 fn attend<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    mask: Option<&Tensor<B, 4>>,
     rep: usize,
 ) -> Tensor<B, 4> {
-    let [b, h, t, d] = q.dims();
-    let [_, kvh, len, _] = k.dims();
-    // The query heads of one KV group are stacked along the sequence axis, so each group is
-    // a single matmul against its shared keys: no copy of K or V. The 1/sqrt(d) scale goes
-    // on q (t x d values) rather than on the scores (t x T).
-    let q = q
-        .reshape([b, kvh, rep * t, d])
-        .mul_scalar((d as f64).powf(-0.5));
-    let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, h, t, len]);
-    let scores = match mask {
-        Some(m) => scores + m.clone(),
-        None => scores,
+    if cpu_attention::serves::<B>() {
+        return cpu_attention::causal_attention(q, k, v);
+    }
+    let [b, len, kvh, d] = k.dims();
+    // Grouped-query attention: each KV head serves `rep` consecutive query heads.
+    let heads_first = |x: Tensor<B, 4>| {
+        let x = x.swap_dims(1, 2);
+        if rep == 1 {
+            x
+        } else {
+            x.unsqueeze_dim::<5>(2)
+                .expand([b, kvh, rep, len, d])
+                .reshape([b, kvh * rep, len, d])
+        }
     };
-    let probs = softmax(scores, 3).reshape([b, kvh, rep * t, len]);
-    probs.matmul(v).reshape([b, h, t, d])
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    attention(
+        q.swap_dims(1, 2),
+        heads_first(k),
+        heads_first(v),
+        None,
+        None,
+        options,
+    )
+    .swap_dims(1, 2)
 }
 
 /// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
@@ -388,28 +404,23 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
-        causal: &Tensor<B, 4>,
         mask: Option<&LayerMask<B>>,
         lora: Option<&LayerLora<B>>,
     ) -> Tensor<B, 3> {
-        self.forward_observed(x, rotary, causal, mask, lora, None)
+        self.forward_observed(x, rotary, mask, lora, None)
     }
 
     /// The block over `t` new positions after those in `cache` (dense, no adapters); the
-    /// cache grows by `t`. `causal` is `[1, 1, t, past + t]` (none for one position).
+    /// cache grows by `t`.
     pub fn forward_cached(
         &self,
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
-        causal: Option<&Tensor<B, 4>>,
         cache: &mut LayerCache<B>,
     ) -> Tensor<B, 3> {
-        let attn = self.self_attn.forward_cached(
-            self.input_layernorm.forward(x.clone()),
-            rotary,
-            causal,
-            cache,
-        );
+        let attn =
+            self.self_attn
+                .forward_cached(self.input_layernorm.forward(x.clone()), rotary, cache);
         let x = x + attn;
         let mlp = self
             .mlp
@@ -423,7 +434,6 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
-        causal: &Tensor<B, 4>,
         mask: Option<&LayerMask<B>>,
         lora: Option<&LayerLora<B>>,
         mut observe: Option<&mut Observer<'_, B>>,
@@ -433,7 +443,6 @@ impl<B: Backend> DecoderLayer<B> {
         let attn = self.self_attn.forward_lora(
             self.input_layernorm.forward(x.clone()),
             rotary,
-            causal,
             heads,
             lora,
             observe.as_deref_mut(),
@@ -622,7 +631,6 @@ impl<B: Backend> Llama<B> {
         }
         let device = self.device();
         let rotary = Rotary::new(&self.inv_freq, 0, t, &device);
-        let causal = causal_mask::<B>(t, &device);
         let ids = tokens.reshape([b * t]);
         let mut x = self
             .embed_tokens
@@ -638,7 +646,6 @@ impl<B: Backend> Llama<B> {
             x = layer.forward_observed(
                 x,
                 &rotary,
-                &causal,
                 masks.map(|m| &m[i]),
                 lora.map(|l| &l[i]),
                 Some(&mut observe_layer),
@@ -697,15 +704,13 @@ impl<B: Backend> Llama<B> {
         }
         let device = self.device();
         let rotary = Rotary::new(&self.inv_freq, past, t, &device);
-        // One new position sees everything before it: no mask needed.
-        let causal = (t > 1).then(|| causal_mask_after::<B>(past, t, &device));
         let mut x = self
             .embed_tokens
             .clone()
             .select(0, tokens.reshape([b * t]))
             .reshape([b, t, c.hidden_size]);
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward_cached(x, &rotary, causal.as_ref(), lc);
+            x = layer.forward_cached(x, &rotary, lc);
         }
         cache.len += t;
         Ok(self.norm.forward(x))
@@ -725,24 +730,6 @@ impl<B: Backend> Llama<B> {
 /// `exp(-log(1 + exp(-x)))` sigmoid takes seven (same values to float rounding).
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone() / x.neg().exp().add_scalar(1.0)
-}
-
-/// Additive causal mask `[1, 1, len, len]`: 0 on and below the diagonal, -inf above.
-pub fn causal_mask<B: Backend>(len: usize, device: &B::Device) -> Tensor<B, 4> {
-    causal_mask_after(0, len, device)
-}
-
-/// Additive causal mask `[1, 1, len, past + len]` of `len` new positions after `past` cached
-/// ones: position `i` sees every cached position and the new ones up to itself.
-pub fn causal_mask_after<B: Backend>(past: usize, len: usize, device: &B::Device) -> Tensor<B, 4> {
-    let width = past + len;
-    let mut data = vec![0.0f32; len * width];
-    for i in 0..len {
-        for j in (past + i + 1)..width {
-            data[i * width + j] = f32::NEG_INFINITY;
-        }
-    }
-    Tensor::from_data(TensorData::new(data, [1, 1, len, width]), device)
 }
 
 /// Row-major transpose of a `rows x cols` matrix.
@@ -840,10 +827,9 @@ mod tests {
         };
         let device = Default::default();
         let rotary = Rotary::new(&[1.0, 0.1], 0, t, &device);
-        let causal = causal_mask::<B>(t, &device);
         let x = tensor(pseudo_random(2 * t * hidden, 5), [2, t, hidden]);
-        let a = values(gqa.forward(x.clone(), &rotary, &causal, None));
-        let b = values(mha.forward(x, &rotary, &causal, None));
+        let a = values(gqa.forward(x.clone(), &rotary, None));
+        let b = values(mha.forward(x, &rotary, None));
         let diff = a
             .iter()
             .zip(&b)
@@ -869,14 +855,13 @@ mod tests {
         };
         let device = Default::default();
         let rotary = Rotary::new(&[1.0, 0.1], 0, t, &device);
-        let causal = causal_mask::<B>(t, &device);
         let x = pseudo_random(t * hidden, 9);
         let mut changed = x.clone();
         for v in &mut changed[(t - 1) * hidden..] {
             *v += 1.0; // only the last position changes
         }
-        let a = values(attn.forward(tensor(x, [1, t, hidden]), &rotary, &causal, None));
-        let b = values(attn.forward(tensor(changed, [1, t, hidden]), &rotary, &causal, None));
+        let a = values(attn.forward(tensor(x, [1, t, hidden]), &rotary, None));
+        let b = values(attn.forward(tensor(changed, [1, t, hidden]), &rotary, None));
         assert_eq!(&a[..(t - 1) * hidden], &b[..(t - 1) * hidden]);
         assert_ne!(&a[(t - 1) * hidden..], &b[(t - 1) * hidden..]);
     }

@@ -68,32 +68,48 @@ pub fn cos_sin_tables(inv_freq: &[f32], start: usize, len: usize) -> (Vec<f32>, 
     (cos, sin)
 }
 
-/// Rotary tables on a device, shaped `[1, 1, len, head_dim]` to broadcast over batch and heads.
+/// Rotary tables on a device, shaped `[1, len, 1, head_dim]`, and the `rotate_half` matrix.
 #[derive(Debug, Clone)]
 pub struct Rotary<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
+    /// `[head_dim, head_dim]` with `x · R = rotate_half(x) = [-x2, x1]`: one small matmul
+    /// instead of slicing and concatenating strided halves.
+    rotate_half: Tensor<B, 2>,
 }
 
 impl<B: Backend> Rotary<B> {
     /// Builds the tables for positions `start..start+len`.
     pub fn new(inv_freq: &[f32], start: usize, len: usize, device: &B::Device) -> Self {
         let dim = inv_freq.len() * 2;
+        let half = inv_freq.len();
         let (cos, sin) = cos_sin_tables(inv_freq, start, len);
+        let mut r = vec![0.0f32; dim * dim];
+        for j in 0..half {
+            r[(half + j) * dim + j] = -1.0; // output j < half takes -x[half + j]
+            r[j * dim + half + j] = 1.0; // output half + j takes x[j]
+        }
         Self {
-            cos: Tensor::from_data(TensorData::new(cos, [1, 1, len, dim]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [1, 1, len, dim]), device),
+            cos: Tensor::from_data(TensorData::new(cos, [1, len, 1, dim]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [1, len, 1, dim]), device),
+            rotate_half: Tensor::from_data(TensorData::new(r, [dim, dim]), device),
         }
     }
 
-    /// Applies the rotation to `x` of shape `[batch, heads, len, head_dim]`.
+    /// Applies the rotation to `x` of shape `[batch, len, heads, head_dim]` (the projection's
+    /// own layout, so every elementwise pass reads contiguous memory).
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [_, _, _, dim] = x.dims();
-        let half = dim / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        let [b, t, h, d] = x.dims();
+        // Tables at the full `[1, len, heads, dim]` shape: the products then broadcast over
+        // the batch only, a fast path for every backend.
+        let cos = self.cos.clone().repeat_dim(2, h);
+        let sin = self.sin.clone().repeat_dim(2, h);
+        let rotated = x
+            .clone()
+            .reshape([b * t * h, d])
+            .matmul(self.rotate_half.clone())
+            .reshape([b, t, h, d]);
+        x * cos + rotated * sin
     }
 }
 
@@ -180,7 +196,7 @@ mod tests {
         let x = Tensor::<NdArray, 4>::from_data(
             TensorData::new(
                 (0..12).map(|v| v as f32 + 1.0).collect::<Vec<_>>(),
-                [1, 1, 3, 4],
+                [1, 3, 1, 4],
             ),
             &device,
         );

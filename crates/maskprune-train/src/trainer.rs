@@ -2,6 +2,8 @@
 //! the distillation loss and its gradients, then the host-side minimax and Adam updates.
 //! Writes the run directory (see [`files`]) and resumes from its checkpoint.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
@@ -153,6 +155,9 @@ struct Context<'a, B: AutodiffBackend> {
     train_idx: Vec<usize>,
     eval_idx: Vec<usize>,
     source_sha: String,
+    /// The dense teacher's final hidden states `[len, hidden]` by calibration window: the
+    /// teacher never changes, so each update needs only the LM head on them.
+    teacher_hidden: RefCell<HashMap<usize, Tensor<B, 2>>>,
 }
 
 /// Where a run stands: the minimax state, the adapters, updates done, seconds spent.
@@ -196,6 +201,7 @@ pub fn train<B: AutodiffBackend>(
         train_idx,
         eval_idx,
         source_sha: weights_sha256(&store),
+        teacher_hidden: RefCell::new(HashMap::new()),
     };
     let mut run = if spec.resume {
         cx.resume()?
@@ -301,6 +307,42 @@ impl<B: AutodiffBackend> Context<'_, B> {
         })
     }
 
+    /// The dense teacher's logits `[batch, len, vocab]` for the training windows `batch`.
+    ///
+    /// Final hidden states are computed once per window and kept (75 MB for SmolLM2's 256
+    /// windows of 128), in fixed chunks of the training order, so a window's values never
+    /// depend on which batch first asked for it (a resumed run matches bit for bit).
+    fn teacher_logits(&self, batch: &[usize]) -> Result<Tensor<B, 3>, String> {
+        let (model, b) = (self.model, self.cfg().train.batch);
+        let mut cache = self.teacher_hidden.borrow_mut();
+        for &window in batch {
+            if cache.contains_key(&window) {
+                continue;
+            }
+            let pos = self
+                .train_idx
+                .iter()
+                .position(|&i| i == window)
+                .expect("batches hold training windows");
+            let start = pos / b * b;
+            let chunk = &self.train_idx[start..(start + b).min(self.train_idx.len())];
+            let rows: Vec<&[u32]> = chunk
+                .iter()
+                .map(|&i| self.spec.calibration.samples[i].as_slice())
+                .collect();
+            let hidden = model
+                .hidden_states(token_tensor::<B>(&rows, &model.device()), None, None)
+                .map_err(|e| e.to_string())?
+                .detach();
+            let [_, len, width] = hidden.dims();
+            for (k, &i) in chunk.iter().enumerate() {
+                cache.insert(i, hidden.clone().narrow(0, k, 1).reshape([len, width]));
+            }
+        }
+        let hidden = Tensor::stack(batch.iter().map(|w| cache[w].clone()).collect(), 0);
+        Ok(model.logits(hidden))
+    }
+
     /// Teacher logits, the masked student with adapters, the loss and its gradients for the
     /// batch of update `run.step`.
     fn gradients(&self, run: &Progress) -> Result<Gradients, String> {
@@ -312,10 +354,7 @@ impl<B: AutodiffBackend> Context<'_, B> {
             .map(|&i| self.spec.calibration.samples[i].as_slice())
             .collect();
         let tokens = token_tensor::<B>(&rows, &device);
-        let teacher = model
-            .forward(tokens.clone())
-            .map_err(|e| e.to_string())?
-            .detach();
+        let teacher = self.teacher_logits(&batch)?;
         let masks = run.state.masks(&cfg.minimax);
         let unit = UnitMasks::<B>::from_values(
             c,
