@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch side of scripts/bench-forward.sh: dense forward (prefill) tokens/s of a HF model
+"""PyTorch side of scripts/bench-vs-torch.sh: dense forward (logits at every position) tokens/s of a HF model
 directory at the same shapes, warm-up and repeats as `maskprune bench`, f32, same threads.
 
 Usage: V/bin/python scripts/bench_forward_torch.py --model DIR [--shapes 1x1024,4x256]

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch reference of one MaskPrune mask-training step, for the speed comparison with
-`maskprune bench --train-step`: the same computation on the same model directory.
+`maskprune bench --train-step` (scripts/bench-vs-torch.sh): the same computation on the same model directory.
 
 Teacher: the dense model, no grad. Student: the same frozen weights with straight-through
 binary masks (forward 1[m != 0], backward identity) on each KV group's query heads (before

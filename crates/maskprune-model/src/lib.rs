@@ -4,7 +4,7 @@
 //! MLP channels.
 
 pub mod config;
-pub mod cpu_attention;
+pub mod cpu_kernels;
 pub mod error;
 pub mod family;
 pub mod llama;

@@ -3,12 +3,13 @@
 
 use std::path::Path;
 
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
-use crate::cpu_attention;
+use crate::cpu_kernels;
 use crate::error::{ModelError, Result};
 use crate::rope::{inverse_frequencies, Rotary};
 use crate::weights::WeightStore;
@@ -110,6 +111,11 @@ pub struct RmsNorm<B: Backend> {
 impl<B: Backend> RmsNorm<B> {
     /// Normalises `[batch, len, hidden]` over the last dimension.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if cpu_kernels::serves::<B>() {
+            let weight = self.weight.clone().into_data();
+            let weight = weight.as_slice::<f32>().expect("f32 weights");
+            return cpu_kernels::rms_norm(x, weight, self.eps);
+        }
         // A true division: burn-ndarray's SIMD `recip` is an approximation (~1e-4 relative),
         // which alone put the logits 2e-3 away from transformers.
         let rms = x.clone().square().mean_dim(2).add_scalar(self.eps).sqrt();
@@ -300,7 +306,7 @@ impl<B: Backend> KvCache<B> {
 /// `rep` query heads per KV head; the `t` queries are the last `t` of the `T` positions.
 /// Returns `[b, t, h, d]`.
 ///
-/// On burn-flex (inference) a tiled CPU kernel does the work ([`crate::cpu_attention`]);
+/// On burn-flex (inference) a tiled CPU kernel does the work ([`crate::cpu_kernels`]);
 /// elsewhere burn's `attention` op: a flash kernel on CUDA, a composition of differentiable
 /// tensor ops under autodiff.
 fn attend<B: Backend>(
@@ -309,8 +315,8 @@ fn attend<B: Backend>(
     v: Tensor<B, 4>,
     rep: usize,
 ) -> Tensor<B, 4> {
-    if cpu_attention::serves::<B>() {
-        return cpu_attention::causal_attention(q, k, v);
+    if cpu_kernels::serves::<B>() {
+        return cpu_kernels::causal_attention(q, k, v);
     }
     let [b, len, kvh, d] = k.dims();
     // Grouped-query attention: each KV head serves `rep` consecutive query heads.
@@ -372,7 +378,11 @@ impl<B: Backend> Mlp<B> {
         let up = self
             .up_proj
             .forward_lora(x, adapter(|l| l.up_proj.as_ref()));
-        let act = silu(gate) * up;
+        let act = if cpu_kernels::serves::<B>() {
+            cpu_kernels::swiglu(gate, up)
+        } else {
+            silu(gate) * up
+        };
         let act = match channel_mask {
             Some(m) => act * m.clone().unsqueeze::<3>(),
             None => act,
@@ -723,6 +733,50 @@ impl<B: Backend> Llama<B> {
             .reshape([b * t, h])
             .matmul(self.lm_head.clone())
             .reshape([b, t, self.config.vocab_size])
+    }
+}
+
+impl<B: AutodiffBackend> Llama<B> {
+    /// The same weights on the inner backend, outside gradient tracking (no copy): a frozen
+    /// teacher runs there, with the inner backend's inference kernels.
+    pub fn inner(&self) -> Llama<B::InnerBackend> {
+        let linear = |l: &Linear<B>| Linear {
+            weight: l.weight.clone().inner(),
+            bias: l.bias.clone().map(Tensor::inner),
+        };
+        let norm = |n: &RmsNorm<B>| RmsNorm {
+            weight: n.weight.clone().inner(),
+            eps: n.eps,
+        };
+        Llama {
+            config: self.config.clone(),
+            embed_tokens: self.embed_tokens.clone().inner(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| DecoderLayer {
+                    input_layernorm: norm(&l.input_layernorm),
+                    self_attn: Attention {
+                        q_proj: linear(&l.self_attn.q_proj),
+                        k_proj: linear(&l.self_attn.k_proj),
+                        v_proj: linear(&l.self_attn.v_proj),
+                        o_proj: linear(&l.self_attn.o_proj),
+                        num_heads: l.self_attn.num_heads,
+                        num_kv_heads: l.self_attn.num_kv_heads,
+                        head_dim: l.self_attn.head_dim,
+                    },
+                    post_attention_layernorm: norm(&l.post_attention_layernorm),
+                    mlp: Mlp {
+                        gate_proj: linear(&l.mlp.gate_proj),
+                        up_proj: linear(&l.mlp.up_proj),
+                        down_proj: linear(&l.mlp.down_proj),
+                    },
+                })
+                .collect(),
+            norm: norm(&self.norm),
+            lm_head: self.lm_head.clone().inner(),
+            inv_freq: self.inv_freq.clone(),
+        }
     }
 }
 

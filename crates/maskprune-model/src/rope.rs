@@ -4,6 +4,7 @@
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::config::{ModelConfig, RopeScaling};
+use crate::cpu_kernels;
 
 /// Inverse frequencies of the rotary embedding, computed in f32 as transformers does.
 pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
@@ -71,6 +72,8 @@ pub fn cos_sin_tables(inv_freq: &[f32], start: usize, len: usize) -> (Vec<f32>, 
 /// Rotary tables on a device, shaped `[1, len, 1, head_dim]`, and the `rotate_half` matrix.
 #[derive(Debug, Clone)]
 pub struct Rotary<B: Backend> {
+    /// Host copies of the tables, `[len, head_dim]`, for the CPU kernel.
+    host: (Vec<f32>, Vec<f32>),
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
     /// `[head_dim, head_dim]` with `x · R = rotate_half(x) = [-x2, x1]`: one small matmul
@@ -90,8 +93,9 @@ impl<B: Backend> Rotary<B> {
             r[j * dim + half + j] = 1.0; // output half + j takes x[j]
         }
         Self {
-            cos: Tensor::from_data(TensorData::new(cos, [1, len, 1, dim]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [1, len, 1, dim]), device),
+            cos: Tensor::from_data(TensorData::new(cos.clone(), [1, len, 1, dim]), device),
+            sin: Tensor::from_data(TensorData::new(sin.clone(), [1, len, 1, dim]), device),
+            host: (cos, sin),
             rotate_half: Tensor::from_data(TensorData::new(r, [dim, dim]), device),
         }
     }
@@ -99,6 +103,9 @@ impl<B: Backend> Rotary<B> {
     /// Applies the rotation to `x` of shape `[batch, len, heads, head_dim]` (the projection's
     /// own layout, so every elementwise pass reads contiguous memory).
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if cpu_kernels::serves::<B>() {
+            return cpu_kernels::rotary(x, &self.host.0, &self.host.1);
+        }
         let [b, t, h, d] = x.dims();
         // Tables at the full `[1, len, heads, dim]` shape: the products then broadcast over
         // the batch only, a fast path for every backend.

@@ -158,6 +158,8 @@ struct Context<'a, B: AutodiffBackend> {
     /// The dense teacher's final hidden states `[len, hidden]` by calibration window: the
     /// teacher never changes, so each update needs only the LM head on them.
     teacher_hidden: RefCell<HashMap<usize, Tensor<B, 2>>>,
+    /// The model's weights outside autodiff, for the teacher.
+    teacher: Llama<B::InnerBackend>,
 }
 
 /// Where a run stands: the minimax state, the adapters, updates done, seconds spent.
@@ -202,6 +204,7 @@ pub fn train<B: AutodiffBackend>(
         eval_idx,
         source_sha: weights_sha256(&store),
         teacher_hidden: RefCell::new(HashMap::new()),
+        teacher: model.inner(),
     };
     let mut run = if spec.resume {
         cx.resume()?
@@ -330,10 +333,11 @@ impl<B: AutodiffBackend> Context<'_, B> {
                 .iter()
                 .map(|&i| self.spec.calibration.samples[i].as_slice())
                 .collect();
-            let hidden = model
-                .hidden_states(token_tensor::<B>(&rows, &model.device()), None, None)
-                .map_err(|e| e.to_string())?
-                .detach();
+            let hidden = self
+                .teacher
+                .hidden_states(token_tensor(&rows, &self.teacher.device()), None, None)
+                .map_err(|e| e.to_string())?;
+            let hidden = Tensor::<B, 3>::from_inner(hidden);
             let [_, len, width] = hidden.dims();
             for (k, &i) in chunk.iter().enumerate() {
                 cache.insert(i, hidden.clone().narrow(0, k, 1).reshape([len, width]));
