@@ -117,23 +117,32 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
     let scale = 1.0 / (d as f32).sqrt();
     let tiles = t.div_ceil(TILE);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..n.batch * h * tiles).into_par_iter().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, task| {
-            let (b, head, tile) = (task / (h * tiles), task / tiles % h, task % tiles);
-            let group = head / rep;
+    // One task per (batch, KV group, tile of queries): the group's `rep` query heads are
+    // stacked as rows `i * rep + r` (token-major, so each token's heads are one contiguous
+    // block to copy in and out), and share one pass over their keys and values.
+    (0..n.batch * kvh * tiles).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(queries, scores, values): &mut (Vec<f32>, Vec<f32>, Vec<f32>), task| {
+            let (b, group, tile) = (task / (kvh * tiles), task / tiles % kvh, task % tiles);
             let first = tile * TILE;
-            let rows = TILE.min(t - first);
-            // Keys the tile's last row sees; earlier rows see fewer (zeroed below).
-            let keys = past + first + rows;
-            let q_at = |i: usize| ((b * t + i) * h + head) * d;
+            let tokens = TILE.min(t - first);
+            let rows = tokens * rep;
+            // Keys the tile's last token sees; earlier tokens see fewer (zeroed below).
+            let keys = past + first + tokens;
+            let q_at = |i: usize| ((b * t + i) * h + group * rep) * d;
             let kv_at = |j: usize| ((b * len + j) * kvh + group) * d;
+            queries.clear();
+            for i in first..first + tokens {
+                queries.extend_from_slice(&q[q_at(i)..q_at(i) + rep * d]);
+            }
             scores.clear();
             scores.resize(rows * keys, 0.0);
+            values.clear();
+            values.resize(rows * d, 0.0);
             // SAFETY: every index stays inside the slices (asserted shapes above); `gemm`
-            // reads `rows x d` of q, `keys x d` of k and v at the given strides.
+            // reads `rows x d` of `queries` and `keys x d` of k and v at the given strides.
             unsafe {
-                // scores = scale · Q_tile · K^T
+                // scores = scale · Q · K^T
                 gemm(
                     rows,
                     keys,
@@ -142,9 +151,9 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                     1,
                     keys as isize,
                     false,
-                    q.as_ptr().add(q_at(first)),
+                    queries.as_ptr(),
                     1,
-                    (h * d) as isize,
+                    d as isize,
                     k.as_ptr().add(kv_at(0)),
                     (kvh * d) as isize,
                     1,
@@ -156,22 +165,21 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                     Parallelism::None,
                 );
             }
-            for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
-                let (seen, unseen) = row.split_at_mut(past + first + i + 1);
+            for (row, s) in scores.chunks_exact_mut(keys).enumerate() {
+                let (seen, unseen) = s.split_at_mut(past + first + row / rep + 1);
                 softmax_in_place(seen);
                 unseen.fill(0.0);
             }
-            // SAFETY: as above; the tile writes rows `first..first + rows` of head `head` in
-            // batch `b`, which no other task writes.
+            // SAFETY: as above.
             unsafe {
-                // out = P · V
+                // values = P · V
                 gemm(
                     rows,
                     d,
                     keys,
-                    out_ptr.get().add(q_at(first)),
+                    values.as_mut_ptr(),
                     1,
-                    (h * d) as isize,
+                    d as isize,
                     false,
                     scores.as_ptr(),
                     1,
@@ -186,6 +194,18 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                     false,
                     Parallelism::None,
                 );
+            }
+            for (k, i) in (first..first + tokens).enumerate() {
+                let block = &values[k * rep * d..(k + 1) * rep * d];
+                // SAFETY: the task owns the heads of `group` at the tile's tokens in batch
+                // `b`; no other task writes them.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        block.as_ptr(),
+                        out_ptr.get().add(q_at(i)),
+                        block.len(),
+                    );
+                }
             }
         },
     );

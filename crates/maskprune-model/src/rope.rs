@@ -107,10 +107,11 @@ impl<B: Backend> Rotary<B> {
             return cpu_kernels::rotary(x, &self.host.0, &self.host.1);
         }
         let [b, t, h, d] = x.dims();
-        // Tables at the full `[1, len, heads, dim]` shape: the products then broadcast over
-        // the batch only, a fast path for every backend.
-        let cos = self.cos.clone().repeat_dim(2, h);
-        let sin = self.sin.clone().repeat_dim(2, h);
+        // Tables at `x`'s full shape: products of equal shapes take every backend's fast
+        // path, forwards and backwards (a broadcast product walks strides and its backward
+        // sums over the broadcast axes).
+        let cos = self.cos.clone().repeat_dim(2, h).repeat_dim(0, b);
+        let sin = self.sin.clone().repeat_dim(2, h).repeat_dim(0, b);
         let rotated = x
             .clone()
             .reshape([b * t * h, d])
