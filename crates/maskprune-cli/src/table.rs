@@ -231,7 +231,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .filter(|v| v["bench_ratio"].is_object())
         .collect();
     if !benched.is_empty() {
-        md += "\nSpeed and size, pruned / dense (`maskprune bench --baseline`, each model in its own process):\n\n| sparsity | method | params | MACs/token (linear) | peak RSS | prefill tokens/s | decode tokens/s (KV cache) |\n|---|---|---|---|---|---|---|\n";
+        md += "\nSpeed and size, pruned / dense (`maskprune bench --baseline`, each model in its own process; prefill: the KV cache filled and the last position's logits):\n\n| sparsity | method | params | MACs/token (linear) | peak RSS | prefill tokens/s | decode tokens/s (KV cache) |\n|---|---|---|---|---|---|---|\n";
         for v in benched {
             let r = &v["bench_ratio"];
             let prefill: Vec<String> = r
