@@ -3,12 +3,12 @@
 //! grouped-query attention, the rotary position embedding, RMSNorm and SwiGLU's
 //! `silu(gate) * up`, each one pass.
 //!
-//! Attention: burn-flex's own attention runs one head after another on one thread and, below 256K
-//! scores, fills the whole score matrix. Here tiles of query rows are multiplied with only
-//! the keys they may see (about half the work), each tile is two `gemm` calls and a
-//! softmax, and the tiles are spread over the rayon pool. Queries, keys and values are read
-//! in the projections' own `[batch, len, heads, head_dim]` layout and the output is written
-//! in it, so no transposes are needed around the kernel.
+//! Attention: burn-flex's own attention runs one head after another on one thread and, below
+//! 256K scores, fills the whole score matrix. Here a tile of queries (with the query heads of
+//! one KV group stacked) is multiplied with only the keys it may see (about half the work),
+//! each tile is two `gemm` calls and a softmax, and the tiles are spread over the rayon pool.
+//! Queries, keys and values are read in the projections' own `[batch, len, heads, head_dim]`
+//! layout and the output is written in it, so no transposes are needed around the kernel.
 
 use std::any::TypeId;
 
@@ -19,8 +19,8 @@ use rayon::prelude::*;
 /// Query rows per tile.
 const TILE: usize = 64;
 
-/// Whether this kernel serves backend `B` (burn-flex; under autodiff the composed
-/// differentiable attention is used instead).
+/// Whether these kernels serve backend `B`: burn-flex itself (inference). Under autodiff
+/// (`Autodiff<Flex>`) and on CUDA the callers use burn's differentiable tensor ops instead.
 pub fn serves<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<burn::backend::Flex>()
 }
