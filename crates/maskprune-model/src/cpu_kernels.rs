@@ -310,15 +310,11 @@ fn exp_clamped(x: f32) -> f32 {
 mod tests {
     use super::*;
 
+    /// Values in `[-2, 2)`: the shared test values, scaled (exactly) by 4.
     fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-            })
+        crate::pseudo_random(n, seed)
+            .into_iter()
+            .map(|v| v * 4.0)
             .collect()
     }
 

@@ -18,4 +18,18 @@ pub use error::{ModelError, Result};
 pub use family::{Biases, Family};
 pub use llama::{KvCache, LayerLora, LayerMask, Llama, Lora, Site};
 pub use tokenizer::load_tokenizer;
+
+/// `n` reproducible pseudo-random values in `[-0.5, 0.5)` for the unit tests.
+#[cfg(test)]
+pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
 pub use weights::{weights_sha256, WeightStore};

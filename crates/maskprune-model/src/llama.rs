@@ -805,24 +805,13 @@ pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pseudo_random;
     use burn::backend::NdArray;
 
     type B = NdArray;
 
     fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
         Tensor::from_data(TensorData::new(values, shape), &Default::default())
-    }
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
     }
 
     fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
