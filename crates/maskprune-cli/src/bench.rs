@@ -275,7 +275,14 @@ impl AutodiffJob for TrainStepJob {
                     .map(|g| g.sum().into_scalar());
                 Ok(())
             };
-            let full = time_runs(warmup, repeats, || step(model.forward(tokens())?.detach()))?;
+            // The teacher as `train-masks` runs it: the shared weights outside autodiff (the
+            // inference kernels), then the LM head.
+            let teacher = model.inner();
+            let full = time_runs(warmup, repeats, || {
+                let hidden =
+                    teacher.hidden_states(token_tensor(&rows, &teacher.device()), None, None)?;
+                step(model.logits(burn::tensor::Tensor::from_inner(hidden)))
+            })?;
             let hidden = model.hidden_states(tokens(), None, None)?.detach();
             let cached = time_runs(warmup, repeats, || step(model.logits(hidden.clone())))?;
             println!(

@@ -10,14 +10,46 @@
 //! Queries, keys and values are read in the projections' own `[batch, len, heads, head_dim]`
 //! layout and the output is written in it, so no transposes are needed around the kernel.
 
-use std::any::TypeId;
+use std::any::{Any, TypeId};
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 /// Query rows per tile.
 const TILE: usize = 64;
+
+/// Defines a function whose body is compiled twice, for the baseline target (x86-64's SSE2)
+/// and with AVX-512 enabled, and picks the wide copy at run time when the CPU has it. The
+/// bodies are plain loops written to auto-vectorise; both copies compute bit-identical
+/// results (Rust never contracts `a * b + c` into an FMA, and the reductions fold fixed
+/// lanes in a fixed order).
+macro_rules! multiversion {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) {
+                    portable($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512dq")
+                    && std::is_x86_feature_detected!("avx512bw")
+                {
+                    // SAFETY: the CPU has every feature `wide` was compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
 
 /// Whether these kernels serve backend `B`: burn-flex itself (inference). Under autodiff
 /// (`Autodiff<Flex>`) and on CUDA the callers use burn's differentiable tensor ops instead.
@@ -36,7 +68,7 @@ pub fn causal_attention<B: Backend>(
     let device = q.device();
     let [b, t, h, d] = q.dims();
     let [_, len, kvh, _] = k.dims();
-    let (q, k, v) = (q.into_data(), k.into_data(), v.into_data());
+    let (q, k, v) = (Host::new(q), Host::new(k), Host::new(v));
     let mut out = vec![0.0f32; b * t * h * d];
     let dims = Dims {
         batch: b,
@@ -46,12 +78,117 @@ pub fn causal_attention<B: Backend>(
         keys: len,
         kv_heads: kvh,
     };
-    attend_slices(f32s(&q), f32s(&k), f32s(&v), &mut out, &dims);
+    attend_slices(q.f32s(), k.f32s(), v.f32s(), &mut out, &dims);
     Tensor::from_data(TensorData::new(out, [b, t, h, d]), &device)
 }
 
-fn f32s(x: &TensorData) -> &[f32] {
-    x.as_slice::<f32>().expect("f32 activations")
+/// A tensor's f32 values on the host: burn-flex's own storage, borrowed (no copy) when it is
+/// contiguous from its start, as activations are, even while other tensors share it (the
+/// residual stream does); a copy otherwise.
+enum Host {
+    Borrowed(FlexTensor, usize),
+    Copied(TensorData),
+}
+
+impl Host {
+    fn new<B: Backend, const D: usize>(x: Tensor<B, D>) -> Self {
+        let len = x.shape().num_elements();
+        match into_flex(x) {
+            Ok(t) if is_plain_f32(&t) => Host::Borrowed(t, len),
+            Ok(t) => Host::Copied(t.into_data()),
+            Err(x) => Host::Copied(x.into_data()),
+        }
+    }
+
+    fn f32s(&self) -> &[f32] {
+        match self {
+            Host::Borrowed(t, len) => &t.storage::<f32>()[..*len],
+            Host::Copied(data) => data.as_slice::<f32>().expect("f32 activations"),
+        }
+    }
+}
+
+/// `x`'s burn-flex tensor (no copy), or `x` back when `B` is another backend.
+fn into_flex<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
+    let primitive: Box<dyn Any> = Box::new(x.into_primitive().tensor());
+    primitive.downcast::<FlexTensor>().map(|t| *t).map_err(|p| {
+        let p = p
+            .downcast::<B::FloatTensorPrimitive>()
+            .expect("the primitive just boxed");
+        Tensor::from_primitive(TensorPrimitive::Float(*p))
+    })
+}
+
+/// A burn-flex tensor as a tensor of `B` (which is burn-flex: see [`serves`]).
+fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
+    let primitive: Box<dyn Any> = Box::new(t);
+    let p = primitive
+        .downcast::<B::FloatTensorPrimitive>()
+        .expect("from_flex on burn-flex only");
+    Tensor::from_primitive(TensorPrimitive::Float(*p))
+}
+
+/// Whether `t` is f32 values laid out contiguously from the start of its storage.
+fn is_plain_f32(t: &FlexTensor) -> bool {
+    t.layout().is_contiguous() && t.layout().start_offset() == 0 && t.dtype() == DType::F32
+}
+
+/// `residual + x · weight` for `x` `[b, t, in]` and `weight` `[in, out]`: one `gemm` that
+/// accumulates the product into the residual's buffer (reused when no other tensor shares
+/// it), so the residual connection costs no pass of its own.
+pub fn matmul_add<B: Backend>(
+    residual: Tensor<B, 3>,
+    x: Tensor<B, 3>,
+    weight: &Tensor<B, 2>,
+) -> Tensor<B, 3> {
+    let [b, t, d_in] = x.dims();
+    let [w_in, d_out] = weight.dims();
+    assert_eq!(residual.dims(), [b, t, d_out], "residual shape");
+    assert_eq!(w_in, d_in, "weight shape");
+    let mut sum = match into_flex(residual) {
+        Ok(s) if is_plain_f32(&s) => s,
+        Ok(s) => s.to_contiguous(),
+        Err(residual) => {
+            let y = x.reshape([b * t, d_in]).matmul(weight.clone());
+            return residual + y.reshape([b, t, d_out]);
+        }
+    };
+    let (x, w) = (Host::new(x), Host::new(weight.clone()));
+    let (m, n, k) = (b * t, d_out, d_in);
+    let dst = &mut sum.storage_mut::<f32>()[..m * n];
+    let (x, w) = (x.f32s(), w.f32s());
+    // Threads only where the product is large enough to pay for them (burn-flex's rule).
+    let parallelism = if m * n * k >= 192 * 192 * 192 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: `dst` is `m x n`, `x` is `m x k`, `w` is `k x n`, all row-major (lengths
+    // asserted by the shapes above and the slices' bounds).
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    from_flex(sum)
 }
 
 /// Rotary embedding of `x` `[b, t, heads, d]` with the `cos` and `sin` tables of the `t`
@@ -60,26 +197,38 @@ pub fn rotary<B: Backend>(x: Tensor<B, 4>, cos: &[f32], sin: &[f32]) -> Tensor<B
     let device = x.device();
     let [b, t, h, d] = x.dims();
     assert_eq!(cos.len(), t * d, "rotary tables");
-    let data = x.into_data();
-    let x = f32s(&data);
-    let half = d / 2;
+    let data = Host::new(x);
+    let x = data.f32s();
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(h * d)
         .zip(x.par_chunks(h * d))
         .enumerate()
         .for_each(|(row, (out, x))| {
             let pos = row % t;
-            let (c, s) = (&cos[pos * d..][..d], &sin[pos * d..][..d]);
-            for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                let (x1, x2) = x.split_at(half);
-                let (o1, o2) = o.split_at_mut(half);
-                for i in 0..half {
-                    o1[i] = x1[i] * c[i] - x2[i] * s[i];
-                    o2[i] = x2[i] * c[half + i] + x1[i] * s[half + i];
-                }
-            }
+            rotate_heads(out, x, &cos[pos * d..][..d], &sin[pos * d..][..d]);
         });
     Tensor::from_data(TensorData::new(out, [b, t, h, d]), &device)
+}
+
+multiversion! {
+    /// Rotates each head (`d = cos.len()` values) of one position's row.
+    fn rotate_heads(out: &mut [f32], x: &[f32], c: &[f32], s: &[f32]) {
+        let d = c.len();
+        let half = d / 2;
+        for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            // Every slice cut to `half` up front, so the loop has no bounds checks and
+            // vectorises.
+            let (x1, x2) = (&x[..half], &x[half..][..half]);
+            let (o1, o2) = o.split_at_mut(half);
+            let o2 = &mut o2[..half];
+            let (c1, c2) = (&c[..half], &c[half..][..half]);
+            let (s1, s2) = (&s[..half], &s[half..][..half]);
+            for i in 0..half {
+                o1[i] = x1[i] * c1[i] - x2[i] * s1[i];
+                o2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+            }
+        }
+    }
 }
 
 /// Shapes of one attention call.
@@ -165,11 +314,7 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                     Parallelism::None,
                 );
             }
-            for (row, s) in scores.chunks_exact_mut(keys).enumerate() {
-                let (seen, unseen) = s.split_at_mut(past + first + row / rep + 1);
-                softmax_in_place(seen);
-                unseen.fill(0.0);
-            }
+            causal_softmax(scores, keys, past + first + 1, rep);
             // SAFETY: as above.
             unsafe {
                 // values = P · V
@@ -221,44 +366,76 @@ pub fn rms_norm<B: Backend, const D: usize>(
     let device = x.device();
     let shape = x.shape();
     let width = weight.len();
-    let data = x.into_data();
-    let x = f32s(&data);
+    let data = Host::new(x);
+    let x = data.f32s();
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(width)
         .zip(x.par_chunks(width))
-        .for_each(|(out, x)| {
-            let mean_square =
-                x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / width as f64;
-            let rms = (mean_square + eps).sqrt() as f32;
-            for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
-                *o = v / rms * w;
-            }
-        });
+        .for_each(|(out, x)| normalise_row(out, x, weight, eps));
     Tensor::from_data(TensorData::new(out, shape), &device)
+}
+
+multiversion! {
+    /// One row of [`rms_norm`].
+    fn normalise_row(out: &mut [f32], x: &[f32], weight: &[f32], eps: f64) {
+        // Eight f64 lanes (vectorisable, unlike one running sum), folded in a fixed order.
+        let mut acc = [0.0f64; 8];
+        let chunks = x.chunks_exact(8);
+        let rest: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += (v as f64) * (v as f64);
+            }
+        }
+        let mean_square = (acc.iter().sum::<f64>() + rest) / x.len() as f64;
+        let rms = (mean_square + eps).sqrt() as f32;
+        for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+            *o = v / rms * w;
+        }
+    }
 }
 
 /// `silu(gate) * up` elementwise (SwiGLU's product), `silu(g) = g / (1 + e^-g)`.
 pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
     let device = gate.device();
     let shape = gate.shape();
-    let (gate, up) = (gate.into_data(), up.into_data());
-    let (g, u) = (f32s(&gate), f32s(&up));
+    let (gate, up) = (Host::new(gate), Host::new(up));
+    let (g, u) = (gate.f32s(), up.f32s());
     assert_eq!(g.len(), u.len(), "gate and up differ in size");
     let mut out = vec![0.0f32; g.len()];
     const CHUNK: usize = 1 << 14;
     out.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(out, (g, u))| {
-            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + exp_clamped(-g)) * u;
-            }
-        });
+        .for_each(|(out, (g, u))| silu_times(out, g, u));
     Tensor::from_data(TensorData::new(out, shape), &device)
 }
 
+multiversion! {
+    /// `out = silu(g) * u` elementwise.
+    fn silu_times(out: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + exp_clamped(-g)) * u;
+        }
+    }
+}
+
+multiversion! {
+    /// Softmax of each row of `scores` (`keys` wide) over the keys its token sees, the rest
+    /// zeroed: row `r` (token `r / rep`) sees the first `seen_first + r / rep` keys.
+    fn causal_softmax(scores: &mut [f32], keys: usize, seen_first: usize, rep: usize) {
+        for (row, s) in scores.chunks_exact_mut(keys).enumerate() {
+            let (seen, unseen) = s.split_at_mut(seen_first + row / rep);
+            softmax_in_place(seen);
+            unseen.fill(0.0);
+        }
+    }
+}
+
 /// `x ← exp(x − max x) / Σ exp(x − max x)`, in passes the compiler vectorises.
+#[inline(always)]
 fn softmax_in_place(x: &mut [f32]) {
-    let max = lanes(x, f32::NEG_INFINITY, f32::max);
+    // A plain comparison (`f32::max`'s NaN rules cost a compare and a blend per lane).
+    let max = lanes(x, f32::NEG_INFINITY, |a, b| if a > b { a } else { b });
     for v in x.iter_mut() {
         *v = exp_clamped(*v - max);
     }
@@ -297,13 +474,17 @@ fn exp_clamped(x: f32) -> f32 {
     // negligible or saturated).
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from the bits of `shifted` (`1.5·2^23 + n`, so its low mantissa bits are n): n + 127
+    // shifted into the exponent field. Integer ops only; a float-to-int `as` cast (saturating)
+    // would not vectorise.
+    p * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
 }
 
 #[cfg(test)]
@@ -450,6 +631,31 @@ mod tests {
                 assert!((e - g).abs() <= 2e-6 * e.abs().max(1.0), "{g} vs {e}");
             }
         }
+    }
+
+    #[test]
+    fn matmul_add_equals_the_sum_and_leaves_a_shared_residual_alone() {
+        use burn::backend::Flex;
+        let (b, t, d_in, d_out) = (2, 3, 5, 4);
+        fn flex<const D: usize>(v: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
+            Tensor::from_data(TensorData::new(v, shape), &Default::default())
+        }
+        let r0 = pseudo_random(b * t * d_out, 8);
+        let residual = flex(r0.clone(), [b, t, d_out]);
+        let x = flex(pseudo_random(b * t * d_in, 9), [b, t, d_in]);
+        let w = flex(pseudo_random(d_in * d_out, 10), [d_in, d_out]);
+        let kept = residual.clone();
+        let got: Vec<f32> = matmul_add(residual, x.clone(), &w)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let product = x.reshape([b * t, d_in]).matmul(w).reshape([b, t, d_out]);
+        let expected: Vec<f32> = (kept.clone() + product).into_data().to_vec().unwrap();
+        for (g, e) in got.iter().zip(&expected) {
+            assert!((g - e).abs() <= 1e-6, "{g} vs {e}");
+        }
+        let kept: Vec<f32> = kept.into_data().to_vec().unwrap();
+        assert_eq!(kept, r0, "the shared residual was written through");
     }
 
     #[test]

@@ -46,6 +46,20 @@ impl<B: Backend> Linear<B> {
         }
         y.reshape([b, t, d_out])
     }
+
+    /// `residual + self.forward_lora(x, lora)`. On burn-flex, without bias or adapter, the
+    /// product is accumulated straight into the residual ([`cpu_kernels::matmul_add`]).
+    pub fn forward_add(
+        &self,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        lora: Option<&Lora<B>>,
+    ) -> Tensor<B, 3> {
+        if lora.is_none() && self.bias.is_none() && cpu_kernels::serves::<B>() {
+            return cpu_kernels::matmul_add(residual, x, &self.weight);
+        }
+        residual + self.forward_lora(x, lora)
+    }
 }
 
 /// A low-rank adapter `scale·A·B` added to a linear layer (LoRA).
@@ -195,6 +209,20 @@ impl<B: Backend> Attention<B> {
         lora: Option<&LayerLora<B>>,
         observe: Option<&mut Observer<'_, B>>,
     ) -> Tensor<B, 3> {
+        let out = self.heads(x, rotary, head_mask, lora, observe);
+        self.o_proj
+            .forward_lora(out, lora.and_then(|l| l.o_proj.as_ref()))
+    }
+
+    /// [`Attention::forward_lora`] before `o_proj`: the heads' outputs, `[b, t, heads * d]`.
+    fn heads(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        head_mask: Option<&Tensor<B, 1>>,
+        lora: Option<&LayerLora<B>>,
+        observe: Option<&mut Observer<'_, B>>,
+    ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rep = h / kvh;
@@ -209,8 +237,7 @@ impl<B: Backend> Attention<B> {
         if let Some(f) = observe {
             f(Site::OProjInput, &out);
         }
-        self.o_proj
-            .forward_lora(out, adapter(|l| l.o_proj.as_ref()))
+        out
     }
 
     /// Queries `[b, t, heads, d]` and keys `[b, t, kv_heads, d]` with rotary positions, and
@@ -246,6 +273,16 @@ impl<B: Backend> Attention<B> {
         rotary: &Rotary<B>,
         cache: &mut LayerCache<B>,
     ) -> Tensor<B, 3> {
+        self.o_proj.forward(self.heads_cached(x, rotary, cache))
+    }
+
+    /// [`Attention::forward_cached`] before `o_proj`.
+    fn heads_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rotary: &Rotary<B>,
+        cache: &mut LayerCache<B>,
+    ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (q, k, v) = self.project(x, rotary, |_| None);
@@ -254,8 +291,7 @@ impl<B: Backend> Attention<B> {
             None => (k, v),
         };
         cache.kv = Some((k.clone(), v.clone()));
-        let out = attend(q, k, v, h / kvh);
-        self.o_proj.forward(out.reshape([b, t, h * d]))
+        attend(q, k, v, h / kvh).reshape([b, t, h * d])
     }
 }
 
@@ -371,6 +407,19 @@ impl<B: Backend> Mlp<B> {
         lora: Option<&LayerLora<B>>,
         observe: Option<&mut Observer<'_, B>>,
     ) -> Tensor<B, 3> {
+        let act = self.activations(x, channel_mask, lora, observe);
+        self.down_proj
+            .forward_lora(act, lora.and_then(|l| l.down_proj.as_ref()))
+    }
+
+    /// [`Mlp::forward_lora`] before `down_proj`: `silu(gate) * up`, masked.
+    fn activations(
+        &self,
+        x: Tensor<B, 3>,
+        channel_mask: Option<&Tensor<B, 1>>,
+        lora: Option<&LayerLora<B>>,
+        observe: Option<&mut Observer<'_, B>>,
+    ) -> Tensor<B, 3> {
         let adapter = |pick: fn(&LayerLora<B>) -> Option<&Lora<B>>| lora.and_then(pick);
         let gate = self
             .gate_proj
@@ -390,8 +439,7 @@ impl<B: Backend> Mlp<B> {
         if let Some(f) = observe {
             f(Site::DownProjInput, &act);
         }
-        self.down_proj
-            .forward_lora(act, adapter(|l| l.down_proj.as_ref()))
+        act
     }
 }
 
@@ -428,14 +476,17 @@ impl<B: Backend> DecoderLayer<B> {
         rotary: &Rotary<B>,
         cache: &mut LayerCache<B>,
     ) -> Tensor<B, 3> {
-        let attn =
+        let heads =
             self.self_attn
-                .forward_cached(self.input_layernorm.forward(x.clone()), rotary, cache);
-        let x = x + attn;
-        let mlp = self
-            .mlp
-            .forward(self.post_attention_layernorm.forward(x.clone()), None);
-        x + mlp
+                .heads_cached(self.input_layernorm.forward(x.clone()), rotary, cache);
+        let x = self.self_attn.o_proj.forward_add(heads, x, None);
+        let act = self.mlp.activations(
+            self.post_attention_layernorm.forward(x.clone()),
+            None,
+            None,
+            None,
+        );
+        self.mlp.down_proj.forward_add(act, x, None)
     }
 
     /// [`DecoderLayer::forward`] that also shows `observe` the inputs of `o_proj` and
@@ -450,21 +501,26 @@ impl<B: Backend> DecoderLayer<B> {
     ) -> Tensor<B, 3> {
         let heads = mask.and_then(|m| m.heads.as_ref());
         let channels = mask.and_then(|m| m.channels.as_ref());
-        let attn = self.self_attn.forward_lora(
+        let out = self.self_attn.heads(
             self.input_layernorm.forward(x.clone()),
             rotary,
             heads,
             lora,
             observe.as_deref_mut(),
         );
-        let x = x + attn;
-        let mlp = self.mlp.forward_lora(
+        let x = self
+            .self_attn
+            .o_proj
+            .forward_add(out, x, lora.and_then(|l| l.o_proj.as_ref()));
+        let act = self.mlp.activations(
             self.post_attention_layernorm.forward(x.clone()),
             channels,
             lora,
             observe,
         );
-        x + mlp
+        self.mlp
+            .down_proj
+            .forward_add(act, x, lora.and_then(|l| l.down_proj.as_ref()))
     }
 }
 
