@@ -31,6 +31,11 @@ pub struct Args {
     /// tokens one at a time); `none` to skip.
     #[arg(long, default_value = "1x128+128")]
     decode: String,
+    /// With --baseline: measure the two models this many times each, alternating processes
+    /// (model, baseline, model, ...), and pool the timings, so that a drift of the machine's
+    /// speed (VMs drift by 10-15% over minutes) touches both alike.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Untimed runs per shape.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -166,6 +171,41 @@ fn bench_in_child(a: &Args, model: &std::path::Path) -> anyhow::Result<serde_jso
     Ok(report)
 }
 
+/// One report from the reports of several rounds on the same model: each shape's timings
+/// concatenated (median and tokens/s recomputed), the decode run with the median speed,
+/// the largest peak RSS.
+fn pool(mut reports: Vec<serde_json::Value>) -> serde_json::Value {
+    let rounds = reports.len();
+    let mut out = reports[0].clone();
+    for what in ["forward", "prefill"] {
+        if let Some(shapes) = out[what].as_array_mut() {
+            for (i, shape) in shapes.iter_mut().enumerate() {
+                let seconds: Vec<f64> = reports
+                    .iter()
+                    .filter_map(|r| r[what][i]["seconds"].as_array())
+                    .flatten()
+                    .filter_map(|s| s.as_f64())
+                    .collect();
+                let tokens = shape["batch"].as_f64().unwrap_or(0.0)
+                    * shape["seq_len"].as_f64().unwrap_or(0.0);
+                shape["median_s"] = json!(median(&seconds));
+                shape["tokens_per_s"] = json!(tokens / median(&seconds));
+                shape["seconds"] = json!(seconds);
+            }
+        }
+    }
+    let speed = |r: &serde_json::Value| r["decode"]["tokens_per_s"].as_f64().unwrap_or(0.0);
+    reports.sort_by(|a, b| speed(a).total_cmp(&speed(b)));
+    out["decode"] = reports[rounds / 2]["decode"].clone();
+    let rss = reports
+        .iter()
+        .filter_map(|r| r["peak_rss_bytes"].as_u64())
+        .max();
+    out["peak_rss_bytes"] = json!(rss);
+    out["rounds"] = json!(rounds);
+    out
+}
+
 /// `model / baseline` for every throughput and size figure both reports have.
 fn ratios(model: &serde_json::Value, base: &serde_json::Value) -> serde_json::Value {
     let ratio = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_f64(), b.as_f64()) {
@@ -179,8 +219,14 @@ fn ratios(model: &serde_json::Value, base: &serde_json::Value) -> serde_json::Va
     for what in ["forward", "prefill"] {
         if let (Some(m), Some(b)) = (model[what].as_array(), base[what].as_array()) {
             for (m, b) in m.iter().zip(b) {
-                let name = format!("{what}_{}x{}_tokens_per_s", m["batch"], m["seq_len"]);
-                out.insert(name, ratio(&m["tokens_per_s"], &b["tokens_per_s"]));
+                let shape = format!("{what}_{}x{}", m["batch"], m["seq_len"]);
+                let speed = ratio(&m["tokens_per_s"], &b["tokens_per_s"]);
+                out.insert(format!("{shape}_tokens_per_s"), speed);
+                if what == "prefill" {
+                    // The inverse is the speed-up that doing proportionally less work allows.
+                    let work = ratio(&m["macs_per_token"], &b["macs_per_token"]);
+                    out.insert(format!("{shape}_macs_per_token"), work);
+                }
             }
         }
     }
@@ -200,8 +246,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             !args.train_step,
             "--train-step measures one model; drop --baseline"
         );
-        let model = bench_in_child(&args, &args.model)?;
-        let baseline = bench_in_child(&args, &base)?;
+        anyhow::ensure!(args.rounds > 0, "--rounds must be positive");
+        let (mut models, mut baselines) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds {
+            models.push(bench_in_child(&args, &args.model)?);
+            baselines.push(bench_in_child(&args, &base)?);
+        }
+        let (model, baseline) = (pool(models), pool(baselines));
         let r = ratios(&model, &baseline);
         println!("model / baseline: {}", serde_json::to_string(&r)?);
         let report = json!({"model": model, "baseline": baseline, "ratio": r});
@@ -361,6 +412,16 @@ impl BackendJob for Job {
         let decoder_linear = c.num_hidden_layers * c.layer_linear_params();
         let macs_linear = decoder_linear + c.hidden_size * c.vocab_size;
         let per_position = c.num_hidden_layers * 2 * c.num_attention_heads * c.head_dim;
+        // A prefill's work per token: the decoder's weights, attention over the causal
+        // context (on average (len + 1) / 2 positions), the LM head for the last position.
+        for p in &mut prefill {
+            let len = p["seq_len"].as_u64().unwrap_or(1) as f64;
+            p["macs_per_token"] = json!(
+                decoder_linear as f64
+                    + per_position as f64 * (len + 1.0) / 2.0
+                    + (c.hidden_size * c.vocab_size) as f64 / len
+            );
+        }
         let report = json!({
             "bench": "forward",
             "model": a.model,

@@ -31,6 +31,13 @@ impl<B: Backend> Linear<B> {
 
     /// Applies the layer plus an optional low-rank adapter: `x·W + b + scale·(x·A)·B`.
     pub fn forward_lora(&self, x: Tensor<B, 3>, lora: Option<&Lora<B>>) -> Tensor<B, 3> {
+        if lora.is_none() && cpu_kernels::serves::<B>() {
+            let y = cpu_kernels::matmul(x, &self.weight);
+            return match &self.bias {
+                Some(bias) => y + bias.clone().unsqueeze::<3>(),
+                None => y,
+            };
+        }
         let [b, t, d_in] = x.dims();
         let d_out = self.weight.dims()[1];
         let x = x.reshape([b * t, d_in]);
@@ -420,17 +427,16 @@ impl<B: Backend> Mlp<B> {
         lora: Option<&LayerLora<B>>,
         observe: Option<&mut Observer<'_, B>>,
     ) -> Tensor<B, 3> {
-        let adapter = |pick: fn(&LayerLora<B>) -> Option<&Lora<B>>| lora.and_then(pick);
-        let gate = self
-            .gate_proj
-            .forward_lora(x.clone(), adapter(|l| l.gate_proj.as_ref()));
-        let up = self
-            .up_proj
-            .forward_lora(x, adapter(|l| l.up_proj.as_ref()));
-        let act = if cpu_kernels::serves::<B>() {
-            cpu_kernels::swiglu(gate, up)
+        // On burn-flex without adapters or biases: both projections and the product in one
+        // kernel.
+        let fused = cpu_kernels::serves::<B>()
+            && lora.is_none()
+            && self.gate_proj.bias.is_none()
+            && self.up_proj.bias.is_none();
+        let act = if fused {
+            cpu_kernels::swiglu_projections(x, &self.gate_proj.weight, &self.up_proj.weight)
         } else {
-            silu(gate) * up
+            self.gated(x, lora)
         };
         let act = match channel_mask {
             Some(m) => act * m.clone().unsqueeze::<3>(),
@@ -440,6 +446,22 @@ impl<B: Backend> Mlp<B> {
             f(Site::DownProjInput, &act);
         }
         act
+    }
+
+    /// `silu(gate(x)) * up(x)` from the two projections (with their adapters).
+    fn gated(&self, x: Tensor<B, 3>, lora: Option<&LayerLora<B>>) -> Tensor<B, 3> {
+        let adapter = |pick: fn(&LayerLora<B>) -> Option<&Lora<B>>| lora.and_then(pick);
+        let gate = self
+            .gate_proj
+            .forward_lora(x.clone(), adapter(|l| l.gate_proj.as_ref()));
+        let up = self
+            .up_proj
+            .forward_lora(x, adapter(|l| l.up_proj.as_ref()));
+        if cpu_kernels::serves::<B>() {
+            cpu_kernels::swiglu(gate, up)
+        } else {
+            silu(gate) * up
+        }
     }
 }
 
