@@ -383,10 +383,15 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
     // One task per (batch, KV group, tile of queries): the group's `rep` query heads are
     // stacked as rows `i * rep + r` (token-major, so each token's heads are one contiguous
     // block to copy in and out), and share one pass over their keys and values.
-    (0..n.batch * kvh * tiles).into_par_iter().for_each_init(
-        || (Vec::new(), Vec::new(), Vec::new()),
-        |(queries, scores, values): &mut (Vec<f32>, Vec<f32>, Vec<f32>), task| {
-            let (b, group, tile) = (task / (kvh * tiles), task / tiles % kvh, task % tiles);
+    (0..n.batch * kvh * tiles).into_par_iter().for_each(|task| {
+        SCRATCH.with_borrow_mut(|(queries, scores, values)| {
+            // The largest tiles (the last queries see the most keys) first, so the threads
+            // finish together.
+            let (b, group, tile) = (
+                task / (kvh * tiles),
+                task / tiles % kvh,
+                tiles - 1 - task % tiles,
+            );
             let first = tile * TILE;
             let tokens = TILE.min(t - first);
             let rows = tokens * rep;
@@ -466,8 +471,15 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                     );
                 }
             }
-        },
-    );
+        })
+    });
+}
+
+std::thread_local! {
+    /// Each thread's attention buffers (queries, scores, values of one tile), kept between
+    /// calls so that no tile allocates.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// RMSNorm of each row of `x` (`[..., width]`): `x / sqrt(mean(x²) + eps) * weight`, the
