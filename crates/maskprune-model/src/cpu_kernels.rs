@@ -384,7 +384,7 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
     // stacked as rows `i * rep + r` (token-major, so each token's heads are one contiguous
     // block to copy in and out), and share one pass over their keys and values.
     (0..n.batch * kvh * tiles).into_par_iter().for_each(|task| {
-        SCRATCH.with_borrow_mut(|(queries, scores, values)| {
+        SCRATCH.with_borrow_mut(|(queries, scores, values, inv_sums)| {
             // The largest tiles (the last queries see the most keys) first, so the threads
             // finish together.
             let (b, group, tile) = (
@@ -403,10 +403,14 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
             for i in first..first + tokens {
                 queries.extend_from_slice(&q[q_at(i)..q_at(i) + rep * d]);
             }
-            scores.clear();
-            scores.resize(rows * keys, 0.0);
-            values.clear();
-            values.resize(rows * d, 0.0);
+            // Grown when needed, never cleared: `gemm` overwrites what is used.
+            for (buffer, len) in [(&mut *scores, rows * keys), (&mut *values, rows * d)] {
+                if buffer.len() < len {
+                    buffer.resize(len, 0.0);
+                }
+            }
+            inv_sums.resize(rows, 0.0);
+            let (scores, values) = (&mut scores[..rows * keys], &mut values[..rows * d]);
             // SAFETY: every index stays inside the slices (asserted shapes above); `gemm`
             // reads `rows x d` of `queries` and `keys x d` of k and v at the given strides.
             unsafe {
@@ -433,7 +437,8 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                     Parallelism::None,
                 );
             }
-            causal_softmax(scores, keys, past + first + 1, rep);
+            // Unnormalised: each row is divided by its sum on the way out.
+            causal_exp(scores, keys, past + first + 1, rep, inv_sums);
             // SAFETY: as above.
             unsafe {
                 // values = P · V
@@ -460,26 +465,41 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                 );
             }
             for (k, i) in (first..first + tokens).enumerate() {
-                let block = &values[k * rep * d..(k + 1) * rep * d];
                 // SAFETY: the task owns the heads of `group` at the tile's tokens in batch
-                // `b`; no other task writes them.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        block.as_ptr(),
-                        out_ptr.get().add(q_at(i)),
-                        block.len(),
-                    );
-                }
+                // `b` (`rep * d` values from `q_at(i)`); no other task writes them.
+                let heads =
+                    unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(q_at(i)), rep * d) };
+                let rows = k * rep..(k + 1) * rep;
+                scale_rows(
+                    heads,
+                    &values[rows.start * d..rows.end * d],
+                    &inv_sums[rows],
+                );
             }
         })
     });
 }
 
 std::thread_local! {
-    /// Each thread's attention buffers (queries, scores, values of one tile), kept between
-    /// calls so that no tile allocates.
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Each thread's attention buffers (queries, scores, values and the rows' inverse sums
+    /// of one tile), kept between calls so that no tile allocates.
+    static SCRATCH: std::cell::RefCell<Scratch> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Queries, scores, values, inverse row sums.
+type Scratch = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+multiversion! {
+    /// `out` row `r` (`x.len() / s.len()` values) = `x` row `r` times `s[r]`.
+    fn scale_rows(out: &mut [f32], x: &[f32], s: &[f32]) {
+        let width = x.len() / s.len();
+        for ((o, x), &s) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)).zip(s) {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = x * s;
+            }
+        }
+    }
 }
 
 /// RMSNorm of each row of `x` (`[..., width]`): `x / sqrt(mean(x²) + eps) * weight`, the
@@ -555,29 +575,44 @@ multiversion! {
 }
 
 multiversion! {
-    /// Softmax of each row of `scores` (`keys` wide) over the keys its token sees, the rest
-    /// zeroed: row `r` (token `r / rep`) sees the first `seen_first + r / rep` keys.
-    fn causal_softmax(scores: &mut [f32], keys: usize, seen_first: usize, rep: usize) {
+    /// Softmax numerators of each row of `scores` (`keys` wide) over the keys its token
+    /// sees, the rest zeroed, and `inv_sums[row]` = 1 / the row's sum: row `r` (token
+    /// `r / rep`) sees the first `seen_first + r / rep` keys.
+    fn causal_exp(
+        scores: &mut [f32],
+        keys: usize,
+        seen_first: usize,
+        rep: usize,
+        inv_sums: &mut [f32],
+    ) {
         for (row, s) in scores.chunks_exact_mut(keys).enumerate() {
             let (seen, unseen) = s.split_at_mut(seen_first + row / rep);
-            softmax_in_place(seen);
+            inv_sums[row] = 1.0 / exp_in_place(seen);
             unseen.fill(0.0);
         }
     }
 }
 
-/// `x ← exp(x − max x) / Σ exp(x − max x)`, in passes the compiler vectorises.
+/// `x ← exp(x − max x)`, returning `Σ exp(x − max x)`: two passes the compiler vectorises.
 #[inline(always)]
-fn softmax_in_place(x: &mut [f32]) {
+fn exp_in_place(x: &mut [f32]) -> f32 {
     // A plain comparison (`f32::max`'s NaN rules cost a compare and a blend per lane).
     let max = lanes(x, f32::NEG_INFINITY, |a, b| if a > b { a } else { b });
-    for v in x.iter_mut() {
+    // The sum over 16 lanes as in `lanes`, accumulated in the same pass as the exponentials.
+    let mut acc = [0.0f32; 16];
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *v = exp_clamped(*v - max);
+            *a += *v;
+        }
+    }
+    let mut rest = 0.0;
+    for v in chunks.into_remainder() {
         *v = exp_clamped(*v - max);
+        rest += *v;
     }
-    let inv = 1.0 / lanes(x, 0.0, |a, b| a + b);
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
+    acc.iter().fold(rest, |a, &b| a + b)
 }
 
 /// Folds `x` with `f` over 16 independent lanes (a reduction the compiler can vectorise,
