@@ -57,6 +57,19 @@ pub fn serves<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<burn::backend::Flex>()
 }
 
+/// Runs `f` on a thread of rayon's pool when these kernels serve `B` (else right here).
+/// The ten or so parallel passes of every layer then start from a pool thread, which works
+/// on them itself, instead of the calling thread sleeping through each pass and being woken
+/// after it: a wake-up costs tens of microseconds on a VM, and the 50% pruned model's
+/// prefill ran 1-2% (1x512) to 5-10% (4x256) faster without them.
+pub fn on_pool<B: Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if serves::<B>() && rayon::current_thread_index().is_none() {
+        rayon::scope(|_| f())
+    } else {
+        f()
+    }
+}
+
 /// Causal attention of `q` `[b, t, heads, d]` over `k`, `v` `[b, T, kv_heads, d]`, the `t`
 /// queries being the last `t` of the `T` positions; query head `i` reads KV head
 /// `i / (heads / kv_heads)`. Returns `[b, t, heads, d]`.

@@ -683,7 +683,7 @@ impl<B: Backend> Llama<B> {
         masks: Option<&[LayerMask<B>]>,
         lora: Option<&[LayerLora<B>]>,
     ) -> Result<Tensor<B, 3>> {
-        self.run_layers(tokens, masks, lora, None)
+        cpu_kernels::on_pool::<B, _>(|| self.run_layers(tokens, masks, lora, None))
     }
 
     fn run_layers(
@@ -767,6 +767,14 @@ impl<B: Backend> Llama<B> {
 
     /// [`Llama::forward_cached`] up to the final norm: hidden states `[batch, t, hidden]`.
     pub fn hidden_states_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>> {
+        cpu_kernels::on_pool::<B, _>(|| self.run_layers_cached(tokens, cache))
+    }
+
+    fn run_layers_cached(
         &self,
         tokens: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
