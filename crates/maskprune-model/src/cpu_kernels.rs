@@ -569,11 +569,17 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
     Tensor::from_data(TensorData::new(out, shape), &device)
 }
 
+/// `silu(g) * u = g / (1 + e^-g) * u`.
+#[inline(always)]
+fn silu_mul(g: f32, u: f32) -> f32 {
+    g / (1.0 + exp_clamped(-g)) * u
+}
+
 multiversion! {
     /// `out = silu(g) * u` elementwise.
     fn silu_times(out: &mut [f32], g: &[f32], u: &[f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + exp_clamped(-g)) * u;
+            *o = silu_mul(g, u);
         }
     }
 }
@@ -582,7 +588,7 @@ multiversion! {
     /// `g = silu(g) * u` elementwise.
     fn silu_times_in_place(g: &mut [f32], u: &[f32]) {
         for (g, &u) in g.iter_mut().zip(u) {
-            *g = *g / (1.0 + exp_clamped(-*g)) * u;
+            *g = silu_mul(*g, u);
         }
     }
 }
@@ -682,6 +688,19 @@ mod tests {
             .collect()
     }
 
+    /// A burn-flex tensor of `values`.
+    fn flex<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<burn::backend::Flex, D> {
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
+    }
+
+    /// The largest `|a - b|` over the pairs.
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    }
+
     /// Attention by its definition, in f64, one query at a time.
     fn reference(q: &[f32], k: &[f32], v: &[f32], n: &Dims) -> Vec<f32> {
         let (t, h, d, len, kvh) = (n.queries, n.heads, n.head_dim, n.keys, n.kv_heads);
@@ -733,18 +752,13 @@ mod tests {
             let mut out = vec![0.0; q.len()];
             attend_slices(&q, &k, &v, &mut out, &n);
             let expected = reference(&q, &k, &v, &n);
-            let diff = out
-                .iter()
-                .zip(&expected)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let diff = max_abs_diff(&out, &expected);
             assert!(diff < 2e-6, "t {t}, past {past}: differs by {diff}");
         }
     }
 
     #[test]
     fn rotary_kernel_equals_the_tensor_composition() {
-        use burn::backend::Flex;
         let (b, t, h, d) = (2, 5, 3, 8);
         let inv = [1.0f32, 0.3, 0.05, 0.01];
         let device = Default::default();
@@ -759,19 +773,17 @@ mod tests {
             .to_vec()
             .unwrap();
         let (cos, sin) = crate::rope::cos_sin_tables(&inv, 7, t);
-        let x = Tensor::<Flex, 4>::from_data(TensorData::new(x, [b, t, h, d]), &Default::default());
-        let got: Vec<f32> = rotary(x, &cos, &sin).into_data().to_vec().unwrap();
-        let diff = got
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let got: Vec<f32> = rotary(flex(x, [b, t, h, d]), &cos, &sin)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let diff = max_abs_diff(&got, &expected);
         assert!(diff < 1e-6, "differs by {diff}");
     }
 
     #[test]
     fn norm_and_swiglu_kernels_equal_the_tensor_compositions() {
-        use burn::backend::{Flex, NdArray};
+        use burn::backend::NdArray;
         let device = Default::default();
         let (rows, width) = (7, 40);
         let x = pseudo_random(rows * width, 5);
@@ -779,12 +791,6 @@ mod tests {
         let u = pseudo_random(rows * width, 7);
         let nd = |v: &[f32]| {
             Tensor::<NdArray, 2>::from_data(TensorData::new(v.to_vec(), [rows, width]), &device)
-        };
-        let flex = |v: &[f32]| {
-            Tensor::<Flex, 2>::from_data(
-                TensorData::new(v.to_vec(), [rows, width]),
-                &Default::default(),
-            )
         };
         let norm = crate::llama::RmsNorm::<NdArray> {
             weight: Tensor::from_data(TensorData::new(w.clone(), [width]), &device),
@@ -796,17 +802,23 @@ mod tests {
                     .into_data()
                     .to_vec()
                     .unwrap(),
-                rms_norm(flex(&x), &w, 1e-5).into_data().to_vec().unwrap(),
+                rms_norm(flex(x.clone(), [rows, width]), &w, 1e-5)
+                    .into_data()
+                    .to_vec()
+                    .unwrap(),
             ),
             (
                 (crate::llama::silu(nd(&x).mul_scalar(8.0)) * nd(&u))
                     .into_data()
                     .to_vec()
                     .unwrap(),
-                swiglu(flex(&x).mul_scalar(8.0), flex(&u))
-                    .into_data()
-                    .to_vec()
-                    .unwrap(),
+                swiglu(
+                    flex(x.clone(), [rows, width]).mul_scalar(8.0),
+                    flex(u.clone(), [rows, width]),
+                )
+                .into_data()
+                .to_vec()
+                .unwrap(),
             ),
         ];
         for (expected, got) in pairs {
@@ -818,11 +830,7 @@ mod tests {
 
     #[test]
     fn matmul_add_equals_the_sum_and_leaves_a_shared_residual_alone() {
-        use burn::backend::Flex;
         let (b, t, d_in, d_out) = (2, 3, 5, 4);
-        fn flex<const D: usize>(v: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
-            Tensor::from_data(TensorData::new(v, shape), &Default::default())
-        }
         let r0 = pseudo_random(b * t * d_out, 8);
         let residual = flex(r0.clone(), [b, t, d_out]);
         let x = flex(pseudo_random(b * t * d_in, 9), [b, t, d_in]);
@@ -843,10 +851,6 @@ mod tests {
 
     #[test]
     fn swiglu_projections_equal_the_composition() {
-        use burn::backend::Flex;
-        fn flex<const D: usize>(v: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
-            Tensor::from_data(TensorData::new(v, shape), &Default::default())
-        }
         // Above the size that is cut into column blocks (one per thread; 200 columns: blocks
         // of unequal width on most thread counts).
         let (b, t, k, n) = (2, 64, 300, 200);
