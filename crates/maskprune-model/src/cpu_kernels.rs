@@ -5,8 +5,11 @@
 //!
 //! Attention: burn-flex's own attention runs one head after another on one thread and, below
 //! 256K scores, fills the whole score matrix. Here a tile of queries (with the query heads of
-//! one KV group stacked) is multiplied with only the keys it may see (about half the work),
-//! each tile is two `gemm` calls and a softmax, and the tiles are spread over the rayon pool.
+//! one KV group stacked) is multiplied with only the keys it may see (about half the work):
+//! one `gemm` for the keys all its tokens see, and its diagonal block in steps of 16 tokens,
+//! each with the keys up to its last token (the masked half of the block was 12% of the
+//! products at 512 positions); then a softmax, the same pieces for `P·V`, and the tiles are
+//! spread over the rayon pool.
 //! Queries, keys and values are read in the projections' own `[batch, len, heads, head_dim]`
 //! layout and the output is written in it, so no transposes are needed around the kernel.
 
@@ -20,22 +23,28 @@ use rayon::prelude::*;
 /// Query rows per tile.
 const TILE: usize = 64;
 
-/// Defines a function whose body is compiled twice, for the baseline target (x86-64's SSE2)
-/// and with AVX-512 enabled, and picks the wide copy at run time when the CPU has it. The
-/// bodies are plain loops written to auto-vectorise; both copies compute bit-identical
-/// results (Rust never contracts `a * b + c` into an FMA, and the reductions fold fixed
-/// lanes in a fixed order).
+/// Defines a function whose body is compiled three times: for x86-64's baseline (SSE2), with
+/// AVX2 and FMA, and with AVX-512, and picks the widest copy the CPU runs at run time. The
+/// bodies are plain loops written to auto-vectorise. Inside, `M::mul_add(a, b, c)` is
+/// `a·b + c` rounded once (an FMA instruction) in the AVX copies and twice in the baseline
+/// one (whose `f32::mul_add` would be a slow libm call), so those copies may differ in the
+/// last bit; reductions fold fixed lanes in a fixed order in all three.
 macro_rules! multiversion {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$doc])*
         fn $name($($arg: $ty),*) {
             #[inline(always)]
-            fn portable($($arg: $ty),*) $body
+            #[allow(unused)]
+            fn body<M: MulAdd>($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
                 unsafe fn wide($($arg: $ty),*) {
-                    portable($($arg),*)
+                    body::<Fused>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body::<Fused>($($arg),*)
                 }
                 if std::is_x86_feature_detected!("avx512f")
                     && std::is_x86_feature_detected!("avx512vl")
@@ -45,10 +54,39 @@ macro_rules! multiversion {
                     // SAFETY: the CPU has every feature `wide` was compiled for.
                     return unsafe { wide($($arg),*) };
                 }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for `avx2`.
+                    return unsafe { avx2($($arg),*) };
+                }
             }
-            portable($($arg),*)
+            body::<Separate>($($arg),*)
         }
     };
+}
+
+/// How a kernel computes `a·b + c` (see [`multiversion!`]).
+trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// One rounding: an FMA instruction where the target has one.
+struct Fused;
+
+/// A product and a sum, each rounded.
+struct Separate;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
 }
 
 /// Whether these kernels serve backend `B`: burn-flex itself (inference). Under autodiff
@@ -153,8 +191,9 @@ pub fn matmul<B: Backend>(x: Tensor<B, 3>, weight: &Tensor<B, 2>) -> Tensor<B, 3
     let [w_in, d_out] = weight.dims();
     assert_eq!(w_in, d_in, "weight shape");
     let (x, w) = (Host::new(x), Host::new(weight.clone()));
-    let mut out = vec![0.0f32; b * t * d_out];
-    gemm_by_columns(&mut out, false, x.f32s(), w.f32s(), [b * t, d_out, d_in]);
+    let (x, w, mnk) = (x.f32s(), w.f32s(), [b * t, d_out, d_in]);
+    // SAFETY: the product writes all `b·t·d_out` outputs.
+    let out = unsafe { written_by(b * t * d_out, |dst| gemm_by_columns(dst, false, x, w, mnk)) };
     Tensor::from_data(TensorData::new(out, [b, t, d_out]), &device)
 }
 
@@ -180,7 +219,16 @@ pub fn matmul_add<B: Backend>(
     };
     let (x, w) = (Host::new(x), Host::new(weight.clone()));
     let dst = &mut sum.storage_mut::<f32>()[..b * t * d_out];
-    gemm_by_columns(dst, true, x.f32s(), w.f32s(), [b * t, d_out, d_in]);
+    // SAFETY: `dst` holds the `b·t·d_out` initialised sums (the slice above).
+    unsafe {
+        gemm_by_columns(
+            dst.as_mut_ptr(),
+            true,
+            x.f32s(),
+            w.f32s(),
+            [b * t, d_out, d_in],
+        )
+    };
     from_flex(sum)
 }
 
@@ -188,13 +236,13 @@ pub fn matmul_add<B: Backend>(
 /// `[k, n]`, `dst` `[m, n]`. The columns are cut into one block per thread and each block
 /// is one single-threaded `gemm`: 2-10% faster than gemm's own threading at the model's
 /// shapes (m = 512, n or k = 192-1536, two threads), most for the narrow pruned layers.
-fn gemm_by_columns(dst: &mut [f32], accumulate: bool, x: &[f32], w: &[f32], mnk: [usize; 3]) {
+///
+/// # Safety
+/// `dst` must be valid for `m·n` writes (and reads, initialised, with `accumulate`).
+unsafe fn gemm_by_columns(dst: *mut f32, accumulate: bool, x: &[f32], w: &[f32], mnk: [usize; 3]) {
     let [m, n, k] = mnk;
-    assert!(
-        dst.len() == m * n && x.len() == m * k && w.len() == k * n,
-        "gemm shapes"
-    );
-    let dst_ptr = OutPtr(dst.as_mut_ptr());
+    assert!(x.len() == m * k && w.len() == k * n, "gemm shapes");
+    let dst_ptr = OutPtr(dst);
     column_blocks(mnk)
         .into_par_iter()
         .for_each(|(first, cols)| {
@@ -214,6 +262,19 @@ fn gemm_by_columns(dst: &mut [f32], accumulate: bool, x: &[f32], w: &[f32], mnk:
         });
 }
 
+/// A vector of `len` values written by `fill` through the pointer it is given, without
+/// the zero-fill of `vec![0.0; len]` first (outputs that a `gemm` overwrites anyway).
+///
+/// # Safety
+/// `fill` must write all `len` values.
+unsafe fn written_by(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    fill(out.as_mut_ptr());
+    // SAFETY: the first `len` values are initialised (the caller's promise).
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// `silu(x · gate) * (x · up)` for `x` `[b, t, in]` and `gate`, `up` `[in, out]` (SwiGLU's
 /// input to `down_proj`): each thread takes a block of columns, multiplies it out for both
 /// projections and applies the product while the block is in cache; one pass over the
@@ -230,34 +291,32 @@ pub fn swiglu_projections<B: Backend>(
     let m = b * t;
     let (x, g, u) = (Host::new(x), Host::new(gate.clone()), Host::new(up.clone()));
     let (x, g, u) = (x.f32s(), g.f32s(), u.f32s());
-    let mut out = vec![0.0f32; m * n];
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    column_blocks([m, n, k])
-        .into_par_iter()
-        .for_each(|(first, cols)| {
-            let mut ups = vec![0.0f32; m * cols];
-            // SAFETY: the block writes columns `first..first + cols` of `out` (its own) and
-            // all of `ups` (`m x cols`); reads as in `gemm_by_columns`.
-            unsafe {
-                gemm_block(
-                    out_ptr.get().add(first),
-                    n,
-                    false,
-                    x,
-                    g,
-                    first,
-                    [m, cols, k],
-                );
-                gemm_block(ups.as_mut_ptr(), cols, false, x, u, first, [m, cols, k]);
-            }
-            for (row, ups) in ups.chunks_exact(cols).enumerate() {
-                // SAFETY: row `row`, columns `first..first + cols` of `out`: this block's.
-                let gates = unsafe {
-                    std::slice::from_raw_parts_mut(out_ptr.get().add(row * n + first), cols)
-                };
-                silu_times_in_place(gates, ups);
-            }
-        });
+    assert!(
+        x.len() == m * k && g.len() == k * n && u.len() == k * n,
+        "gemm shapes"
+    );
+    let each_block = |out: OutPtr| {
+        column_blocks([m, n, k])
+            .into_par_iter()
+            .for_each(|(first, cols)| {
+                // SAFETY: the block writes columns `first..first + cols` of `out` (its own)
+                // and all of `ups` (`m x cols`) before reading them; reads as in
+                // `gemm_by_columns`.
+                unsafe {
+                    gemm_block(out.get().add(first), n, false, x, g, first, [m, cols, k]);
+                    let ups = written_by(m * cols, |ups| {
+                        gemm_block(ups, cols, false, x, u, first, [m, cols, k])
+                    });
+                    for (row, ups) in ups.chunks_exact(cols).enumerate() {
+                        let gates =
+                            std::slice::from_raw_parts_mut(out.get().add(row * n + first), cols);
+                        silu_times_in_place(gates, ups);
+                    }
+                }
+            })
+    };
+    // SAFETY: the blocks cover all `n` columns of all `m` rows.
+    let out = unsafe { written_by(m * n, |out| each_block(OutPtr(out))) };
     Tensor::from_data(TensorData::new(out, [b, t, n]), &device)
 }
 
@@ -408,8 +467,10 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
             let first = tile * TILE;
             let tokens = TILE.min(t - first);
             let rows = tokens * rep;
-            // Keys the tile's last token sees; earlier tokens see fewer (zeroed below).
-            let keys = past + first + tokens;
+            // Keys every token of the tile sees; the tile's own `tokens` keys after them
+            // form the diagonal block, where each token sees only those up to itself.
+            let shared = past + first;
+            let keys = shared + tokens;
             let q_at = |i: usize| ((b * t + i) * h + group * rep) * d;
             let kv_at = |j: usize| ((b * len + j) * kvh + group) * d;
             queries.clear();
@@ -424,57 +485,62 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
             }
             inv_sums.resize(rows, 0.0);
             let (scores, values) = (&mut scores[..rows * keys], &mut values[..rows * d]);
-            // SAFETY: every index stays inside the slices (asserted shapes above); `gemm`
-            // reads `rows x d` of `queries` and `keys x d` of k and v at the given strides.
-            unsafe {
-                // scores = scale · Q · K^T
-                gemm(
-                    rows,
+            // The diagonal block in steps of `DIAGONAL_STEP` tokens, each multiplied only
+            // with the diagonal keys up to its last token: (token range, keys it needs).
+            let steps = (0..tokens).step_by(DIAGONAL_STEP).map(|from| {
+                let to = (from + DIAGONAL_STEP).min(tokens);
+                (from..to, to)
+            });
+            let (k_rows, v_rows) = (
+                Strided { at: k, ld: kvh * d },
+                Strided { at: v, ld: kvh * d },
+            );
+            // scores = scale · Q · K^T: the shared keys for all rows, then the steps.
+            if shared > 0 {
+                multiply_transposed(
+                    scores,
                     keys,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    keys as isize,
-                    false,
-                    queries.as_ptr(),
-                    1,
-                    d as isize,
-                    k.as_ptr().add(kv_at(0)),
-                    (kvh * d) as isize,
-                    1,
-                    0.0,
+                    queries,
+                    k_rows.from(kv_at(0)),
+                    [rows, shared, d],
                     scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
+                );
+            }
+            for (step, diagonal) in steps.clone() {
+                let r = step.start * rep..step.end * rep;
+                multiply_transposed(
+                    &mut scores[r.start * keys + shared..],
+                    keys,
+                    &queries[r.start * d..],
+                    k_rows.from(kv_at(shared)),
+                    [r.len(), diagonal, d],
+                    scale,
                 );
             }
             // Unnormalised: each row is divided by its sum on the way out.
-            causal_exp(scores, keys, past + first + 1, rep, inv_sums);
-            // SAFETY: as above.
-            unsafe {
-                // values = P · V
-                gemm(
-                    rows,
+            causal_exp(scores, keys, shared, rep, inv_sums);
+            // values = P · V, in the same pieces.
+            if shared > 0 {
+                multiply(
+                    values,
                     d,
+                    scores,
                     keys,
-                    values.as_mut_ptr(),
-                    1,
-                    d as isize,
+                    v_rows.from(kv_at(0)),
+                    [rows, d, shared],
                     false,
-                    scores.as_ptr(),
-                    1,
-                    keys as isize,
-                    v.as_ptr().add(kv_at(0)),
-                    1,
-                    (kvh * d) as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
+                );
+            }
+            for (step, diagonal) in steps {
+                let r = step.start * rep..step.end * rep;
+                multiply(
+                    &mut values[r.start * d..],
+                    d,
+                    &scores[r.start * keys + shared..],
+                    keys,
+                    v_rows.from(kv_at(shared)),
+                    [r.len(), d, diagonal],
+                    shared > 0,
                 );
             }
             for (k, i) in (first..first + tokens).enumerate() {
@@ -491,6 +557,105 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
             }
         })
     });
+}
+
+/// Tokens per step of a tile's diagonal block (see `attend_slices`).
+const DIAGONAL_STEP: usize = 16;
+
+/// Rows of keys or values `ld` apart from `at`.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    at: &'a [f32],
+    ld: usize,
+}
+
+impl<'a> Strided<'a> {
+    fn from(self, offset: usize) -> Strided<'a> {
+        Strided {
+            at: &self.at[offset..],
+            ld: self.ld,
+        }
+    }
+}
+
+/// `dst[r][c] = scale · Σ_j a[r][j] · b[c][j]` (`b`'s rows `b.ld` apart) for `m x n`
+/// outputs `ldd` apart, `a` `m x k` dense.
+fn multiply_transposed(
+    dst: &mut [f32],
+    ldd: usize,
+    a: &[f32],
+    b: Strided,
+    [m, n, k]: [usize; 3],
+    scale: f32,
+) {
+    assert!(m > 0 && n > 0 && dst.len() >= (m - 1) * ldd + n && a.len() >= m * k);
+    assert!(b.at.len() >= (n - 1) * b.ld + k, "attention operands");
+    // SAFETY: every element `gemm` addresses lies inside the slices (asserted).
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ldd as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.at.as_ptr(),
+            b.ld as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// `dst (+)= a · b` for `m x n` outputs `ldd` apart, `a` `m x k` with rows `lda` apart and
+/// `b` `k x n` with rows `b.ld` apart.
+fn multiply(
+    dst: &mut [f32],
+    ldd: usize,
+    a: &[f32],
+    lda: usize,
+    b: Strided,
+    [m, n, k]: [usize; 3],
+    accumulate: bool,
+) {
+    assert!(m > 0 && k > 0 && dst.len() >= (m - 1) * ldd + n);
+    assert!(
+        a.len() >= (m - 1) * lda + k && b.at.len() >= (k - 1) * b.ld + n,
+        "attention operands"
+    );
+    // SAFETY: every element `gemm` addresses lies inside the slices (asserted).
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ldd as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.at.as_ptr(),
+            1,
+            b.ld as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
 }
 
 std::thread_local! {
@@ -571,15 +736,15 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
 
 /// `silu(g) * u = g / (1 + e^-g) * u`.
 #[inline(always)]
-fn silu_mul(g: f32, u: f32) -> f32 {
-    g / (1.0 + exp_clamped(-g)) * u
+fn silu_mul<M: MulAdd>(g: f32, u: f32) -> f32 {
+    g / (1.0 + exp_clamped::<M>(-g)) * u
 }
 
 multiversion! {
     /// `out = silu(g) * u` elementwise.
     fn silu_times(out: &mut [f32], g: &[f32], u: &[f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-            *o = silu_mul(g, u);
+            *o = silu_mul::<M>(g, u);
         }
     }
 }
@@ -588,49 +753,89 @@ multiversion! {
     /// `g = silu(g) * u` elementwise.
     fn silu_times_in_place(g: &mut [f32], u: &[f32]) {
         for (g, &u) in g.iter_mut().zip(u) {
-            *g = silu_mul(*g, u);
+            *g = silu_mul::<M>(*g, u);
         }
     }
 }
 
 multiversion! {
     /// Softmax numerators of each row of `scores` (`keys` wide) over the keys its token
-    /// sees, the rest zeroed, and `inv_sums[row]` = 1 / the row's sum: row `r` (token
-    /// `r / rep`) sees the first `seen_first + r / rep` keys.
+    /// sees, and `inv_sums[row]` = 1 / the row's sum: row `r` (token `i = r / rep`) sees
+    /// the first `shared + i + 1` keys. Only the part of the row that the products
+    /// read (up to the end of the token's diagonal step) is written; its unseen keys are
+    /// zeroed.
     fn causal_exp(
         scores: &mut [f32],
         keys: usize,
-        seen_first: usize,
+        shared: usize,
         rep: usize,
         inv_sums: &mut [f32],
     ) {
+        let tokens = keys - shared;
         for (row, s) in scores.chunks_exact_mut(keys).enumerate() {
-            let (seen, unseen) = s.split_at_mut(seen_first + row / rep);
-            inv_sums[row] = 1.0 / exp_in_place(seen);
-            unseen.fill(0.0);
+            let i = row / rep;
+            let read = shared + ((i / DIAGONAL_STEP + 1) * DIAGONAL_STEP).min(tokens);
+            inv_sums[row] = 1.0 / exp_seen::<M>(&mut s[..read], shared + i + 1);
         }
     }
 }
 
-/// `x ← exp(x − max x)`, returning `Σ exp(x − max x)`: two passes the compiler vectorises.
+/// `x[..seen] ← exp(x − max x[..seen])`, the rest of `x` zeroed, returning the sum of the
+/// exponentials. Whole chunks of 16 that the compiler vectorises; the chunk holding the last
+/// seen key is computed whole and its unseen lanes zeroed (a scalar tail cost a fifth of
+/// the time), or done one by one when it would run past the end of `x`.
 #[inline(always)]
-fn exp_in_place(x: &mut [f32]) -> f32 {
+fn exp_seen<M: MulAdd>(x: &mut [f32], seen: usize) -> f32 {
+    let whole = seen / 16 * 16;
+    let tail = if seen > whole && whole + 16 <= x.len() {
+        Some(whole)
+    } else {
+        None
+    };
     // A plain comparison (`f32::max`'s NaN rules cost a compare and a blend per lane).
-    let max = lanes(x, f32::NEG_INFINITY, |a, b| if a > b { a } else { b });
+    let larger = |a: f32, b: f32| if a > b { a } else { b };
+    let mut max = lanes(&x[..whole], f32::NEG_INFINITY, larger);
+    match tail {
+        Some(at) => {
+            let mut m = [f32::NEG_INFINITY; 16];
+            for (lane, (m, &v)) in m.iter_mut().zip(&x[at..at + 16]).enumerate() {
+                *m = if at + lane < seen {
+                    v
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+            max = m.iter().fold(max, |a, &b| larger(a, b));
+        }
+        None => max = x[whole..seen].iter().fold(max, |a, &b| larger(a, b)),
+    }
     // The sum over 16 lanes as in `lanes`, accumulated in the same pass as the exponentials.
     let mut acc = [0.0f32; 16];
-    let mut chunks = x.chunks_exact_mut(16);
-    for c in &mut chunks {
+    for c in x[..whole].chunks_exact_mut(16) {
         for (a, v) in acc.iter_mut().zip(c) {
-            *v = exp_clamped(*v - max);
+            *v = exp_clamped::<M>(*v - max);
             *a += *v;
         }
     }
     let mut rest = 0.0;
-    for v in chunks.into_remainder() {
-        *v = exp_clamped(*v - max);
-        rest += *v;
-    }
+    let zeroed_from = match tail {
+        Some(at) => {
+            for (lane, (a, v)) in acc.iter_mut().zip(&mut x[at..at + 16]).enumerate() {
+                let e = exp_clamped::<M>(*v - max);
+                *v = if at + lane < seen { e } else { 0.0 };
+                *a += *v;
+            }
+            at + 16
+        }
+        None => {
+            for v in &mut x[whole..seen] {
+                *v = exp_clamped::<M>(*v - max);
+                rest += *v;
+            }
+            seen
+        }
+    };
+    x[zeroed_from..].fill(0.0);
     acc.iter().fold(rest, |a, &b| a + b)
 }
 
@@ -654,7 +859,7 @@ fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 /// attention time): `x = n·ln2 + r`, `|r| <= ln2/2`, `e^r` by its degree-6 Taylor
 /// polynomial (error below 2e-7 relative), times `2^n`.
 #[inline(always)]
-fn exp_clamped(x: f32) -> f32 {
+fn exp_clamped<M: MulAdd>(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer (|y| < 2^22).
@@ -663,13 +868,14 @@ fn exp_clamped(x: f32) -> f32 {
     // negligible or saturated).
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
-    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let shifted = M::mul_add(x, std::f32::consts::LOG2_E, ROUND);
     let n = shifted - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let r = M::mul_add(-n, LN2_LO, M::mul_add(-n, LN2_HI, x));
+    // Horner's rule, highest power first.
+    let mut p = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = M::mul_add(p, r, c);
+    }
     // 2^n from the bits of `shifted` (`1.5·2^23 + n`, so its low mantissa bits are n): n + 127
     // shifted into the exponent field. Integer ops only; a float-to-int `as` cast (saturating)
     // would not vectorise.
@@ -735,9 +941,10 @@ mod tests {
 
     #[test]
     fn tiled_attention_matches_the_definition() {
-        // Two tiles of queries (70 > 64), a cache of 9 earlier positions, 2 query heads per
-        // KV head, batch of 2.
-        for (t, past) in [(70, 0), (70, 9), (1, 30), (5, 0)] {
+        // Two or three tiles of queries (70, 150 > 64; the last tile's diagonal in steps of
+        // 16 with a remainder), caches of earlier positions (also ones that leave rows
+        // ending mid-chunk), 2 query heads per KV head, batch of 2.
+        for (t, past) in [(70, 0), (70, 9), (150, 0), (37, 21), (1, 30), (5, 0)] {
             let n = Dims {
                 batch: 2,
                 queries: t,
@@ -875,13 +1082,18 @@ mod tests {
 
     #[test]
     fn exp_is_accurate_to_about_one_ulp() {
-        let mut worst = 0.0f64;
+        let (mut worst, mut worst_fused) = (0.0f64, 0.0f64);
         for i in 0..=200_000 {
             let x = -87.0 + (i as f32) * 175.0 / 200_000.0;
             let exact = (x as f64).exp();
-            let rel = ((exp_clamped(x) as f64 - exact) / exact).abs();
-            worst = worst.max(rel);
+            let rel = |e: f32| ((e as f64 - exact) / exact).abs();
+            worst = worst.max(rel(exp_clamped::<Separate>(x)));
+            worst_fused = worst_fused.max(rel(exp_clamped::<Fused>(x)));
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
+        assert!(
+            worst_fused < 3e-7,
+            "worst relative error with FMA {worst_fused}"
+        );
     }
 }

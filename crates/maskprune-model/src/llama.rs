@@ -814,6 +814,12 @@ impl<B: Backend> Llama<B> {
 
     /// Applies the LM head to hidden states.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        if cpu_kernels::serves::<B>() {
+            // The head's columns split over the threads: a prefill's one last position
+            // reads the whole 113 MB head of SmolLM2, 3.2 ms this way against 4.0 ms in
+            // burn-flex's matmul.
+            return cpu_kernels::matmul(hidden, &self.lm_head);
+        }
         let [b, t, h] = hidden.dims();
         hidden
             .reshape([b * t, h])
