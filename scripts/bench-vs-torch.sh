@@ -9,13 +9,16 @@
 #      torch tokens/s (>= 1.0);
 #   3. the 50% pruned model's prefill tokens/s / the dense model's, ours (>= 1.8), next to the
 #      limit its work allows (dense MACs / pruned MACs per token, attention included), the
-#      two models' processes alternated ROUNDS times (default 5) and their timings pooled;
+#      two models' processes alternated ROUNDS times (default 5) and their timings pooled, at
+#      PREFILL_SHAPES (default 1x256,1x512,4x256,1x1024: the limit falls as prompts grow,
+#      because attention's work per token grows with the length and the 50% plan keeps it);
 #   4. peak RSS of the training step, ours / torch (<= 1.2).
 # Each measurement runs in its own process. Needs torch + transformers for the PyTorch side
 # (scripts/README: `python3 -m venv V && V/bin/pip install torch transformers`).
 #
 #   scripts/bench-vs-torch.sh                       # SmolLM2 (fetched), results/bench-vs-torch.json
-#   MODEL=DIR PRUNED=DIR PYTHON=V/bin/python WARMUP=3 REPEATS=3 ROUNDS=5 OUT=b.json scripts/bench-vs-torch.sh
+#   MODEL=DIR PRUNED=DIR PYTHON=V/bin/python WARMUP=3 REPEATS=3 ROUNDS=5 PREFILL_SHAPES=1x512 \
+#     OUT=b.json scripts/bench-vs-torch.sh
 # PRUNED defaults to SmolLM2 cut with the committed plan of the 50% MaskPrune run
 # (results/smollm2-135m/plan-maskprune-50.json): 9/3 heads, 512 MLP channels per layer.
 set -euo pipefail
@@ -46,8 +49,9 @@ echo "== 1, 4: training step $TRAIN_SHAPE"
 echo "== 2: dense forward 4x256, 1x1024"
 "$BIN" bench --quiet --model "$MODEL" --shapes 4x256,1x1024 --decode none --warmup "$WARMUP" --repeats "$REPEATS" --json "$tmp/ours-forward.json"
 "$PYTHON" scripts/bench_forward_torch.py --model "$MODEL" --shapes 4x256,1x1024 --warmup "$WARMUP" --repeats "$REPEATS" --threads "$THREADS" --json "$tmp/torch-forward.json" 2>&1 | grep -v -i "warn\|loading weights" || true
-echo "== 3: 50% pruned vs dense prefill 1x512, 4x256"
-"$BIN" bench --quiet --model "$PRUNED" --baseline "$MODEL" --shapes 1x512,4x256 --decode 1x128+64 --warmup "$WARMUP" --repeats "$REPEATS" --rounds "${ROUNDS:-5}" --json "$tmp/pruned.json"
+PREFILL_SHAPES="${PREFILL_SHAPES:-1x256,1x512,4x256,1x1024}"
+echo "== 3: 50% pruned vs dense prefill $PREFILL_SHAPES"
+"$BIN" bench --quiet --model "$PRUNED" --baseline "$MODEL" --shapes "$PREFILL_SHAPES" --decode 1x128+64 --warmup "$WARMUP" --repeats "$REPEATS" --rounds "${ROUNDS:-5}" --json "$tmp/pruned.json"
 
 python3 - "$tmp" "$OUT" "$THREADS" <<'PY'
 import json, os, platform, sys
@@ -75,6 +79,7 @@ goals = {
     "3_pruned50_prefill_tokens_per_s_over_dense": {
         shape(m): {"pruned": m["tokens_per_s"], "dense": b["tokens_per_s"], "ratio": m["tokens_per_s"] / b["tokens_per_s"],
                    "limit_from_macs": b["macs_per_token"] / m["macs_per_token"],
+                   "share_of_limit": m["tokens_per_s"] / b["tokens_per_s"] / (b["macs_per_token"] / m["macs_per_token"]),
                    "per_round_ratios": per_round(b["seconds"], m["seconds"], pruned["model"].get("rounds", 1))}
         for m, b in zip(pruned["model"]["prefill"], pruned["baseline"]["prefill"])} | {"goal": ">= 1.8"},
     "4_train_peak_rss_ours_over_torch": {
@@ -99,7 +104,7 @@ for k, v in g["2_dense_forward_tokens_per_s_ours_over_torch"].items():
 for k, v in g["3_pruned50_prefill_tokens_per_s_over_dense"].items():
     if k != "goal":
         rounds = ", ".join(f"{x:.2f}" for x in v["per_round_ratios"])
-        print(f"| 3. 50% pruned prefill {k} (tokens/s) | {v['pruned']:.0f} | {v['dense']:.0f} | {v['ratio']:.2f} | >= 1.8 (MAC limit {v['limit_from_macs']:.2f}; rounds {rounds}) |")
+        print(f"| 3. 50% pruned prefill {k} (tokens/s) | {v['pruned']:.0f} | {v['dense']:.0f} | {v['ratio']:.2f} | >= 1.8 (MAC limit {v['limit_from_macs']:.2f}, {100 * v['share_of_limit']:.0f}% of it; rounds {rounds}) |")
 x = g["4_train_peak_rss_ours_over_torch"]
 print(f"| 4. train step peak RSS (GiB) | {x['ours_bytes'] / 2**30:.2f} | {x['torch_bytes'] / 2**30:.2f} | {x['ratio']:.2f} | <= 1.2 |")
 print("wrote", out)

@@ -501,7 +501,7 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                     scores,
                     keys,
                     queries,
-                    k_rows.from(kv_at(0)),
+                    k_rows.skip(kv_at(0)),
                     [rows, shared, d],
                     scale,
                 );
@@ -512,7 +512,7 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                     &mut scores[r.start * keys + shared..],
                     keys,
                     &queries[r.start * d..],
-                    k_rows.from(kv_at(shared)),
+                    k_rows.skip(kv_at(shared)),
                     [r.len(), diagonal, d],
                     scale,
                 );
@@ -526,7 +526,7 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                     d,
                     scores,
                     keys,
-                    v_rows.from(kv_at(0)),
+                    v_rows.skip(kv_at(0)),
                     [rows, d, shared],
                     false,
                 );
@@ -538,7 +538,7 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                     d,
                     &scores[r.start * keys + shared..],
                     keys,
-                    v_rows.from(kv_at(shared)),
+                    v_rows.skip(kv_at(shared)),
                     [r.len(), d, diagonal],
                     shared > 0,
                 );
@@ -570,7 +570,8 @@ struct Strided<'a> {
 }
 
 impl<'a> Strided<'a> {
-    fn from(self, offset: usize) -> Strided<'a> {
+    /// The same rows, starting `offset` values in.
+    fn skip(self, offset: usize) -> Strided<'a> {
         Strided {
             at: &self.at[offset..],
             ld: self.ld,
