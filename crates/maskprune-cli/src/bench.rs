@@ -188,8 +188,9 @@ fn pool(mut reports: Vec<serde_json::Value>) -> serde_json::Value {
                     .collect();
                 let tokens = shape["batch"].as_f64().unwrap_or(0.0)
                     * shape["seq_len"].as_f64().unwrap_or(0.0);
-                shape["median_s"] = json!(median(&seconds));
-                shape["tokens_per_s"] = json!(tokens / median(&seconds));
+                let median_s = median(&seconds);
+                shape["median_s"] = json!(median_s);
+                shape["tokens_per_s"] = json!(tokens / median_s);
                 shape["seconds"] = json!(seconds);
             }
         }

@@ -427,10 +427,12 @@ struct Dims {
     kv_heads: usize,
 }
 
-/// A pointer the tiles write through; each tile writes rows no other tile touches.
+/// An output pointer that parallel tasks write through, each to a part no other task
+/// touches (attention tiles: their rows; column blocks of a product: their columns).
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: tiles write disjoint rows (see `attend_slices`).
+// SAFETY: the tasks write disjoint parts (see `attend_slices`, `gemm_by_columns`,
+// `swiglu_projections`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
@@ -488,32 +490,33 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
             // The diagonal block in steps of `DIAGONAL_STEP` tokens, each multiplied only
             // with the diagonal keys up to its last token: (token range, keys it needs).
             let steps = (0..tokens).step_by(DIAGONAL_STEP).map(|from| {
-                let to = (from + DIAGONAL_STEP).min(tokens);
+                let to = step_end(from, tokens);
                 (from..to, to)
             });
-            let (k_rows, v_rows) = (
-                Strided { at: k, ld: kvh * d },
-                Strided { at: v, ld: kvh * d },
-            );
+            // Keys transposed (`d x keys`), values as they are (`keys x d`).
+            let keys_t = Operand::rows(k, kvh * d).transposed();
+            let values_in = Operand::rows(v, kvh * d);
             // scores = scale · Q · K^T: the shared keys for all rows, then the steps.
             if shared > 0 {
-                multiply_transposed(
+                multiply(
                     scores,
                     keys,
-                    queries,
-                    k_rows.skip(kv_at(0)),
+                    Operand::rows(queries, d),
+                    keys_t.skip(kv_at(0)),
                     [rows, shared, d],
+                    false,
                     scale,
                 );
             }
             for (step, diagonal) in steps.clone() {
                 let r = step.start * rep..step.end * rep;
-                multiply_transposed(
+                multiply(
                     &mut scores[r.start * keys + shared..],
                     keys,
-                    &queries[r.start * d..],
-                    k_rows.skip(kv_at(shared)),
+                    Operand::rows(&queries[r.start * d..], d),
+                    keys_t.skip(kv_at(shared)),
                     [r.len(), diagonal, d],
+                    false,
                     scale,
                 );
             }
@@ -524,11 +527,11 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                 multiply(
                     values,
                     d,
-                    scores,
-                    keys,
-                    v_rows.skip(kv_at(0)),
+                    Operand::rows(scores, keys),
+                    values_in.skip(kv_at(0)),
                     [rows, d, shared],
                     false,
+                    1.0,
                 );
             }
             for (step, diagonal) in steps {
@@ -536,11 +539,11 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
                 multiply(
                     &mut values[r.start * d..],
                     d,
-                    &scores[r.start * keys + shared..],
-                    keys,
-                    v_rows.skip(kv_at(shared)),
+                    Operand::rows(&scores[r.start * keys + shared..], keys),
+                    values_in.skip(kv_at(shared)),
                     [r.len(), d, diagonal],
                     shared > 0,
+                    1.0,
                 );
             }
             for (k, i) in (first..first + tokens).enumerate() {
@@ -562,75 +565,66 @@ fn attend_slices(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], n: &Dims) {
 /// Tokens per step of a tile's diagonal block (see `attend_slices`).
 const DIAGONAL_STEP: usize = 16;
 
-/// Rows of keys or values `ld` apart from `at`.
-#[derive(Clone, Copy)]
-struct Strided<'a> {
-    at: &'a [f32],
-    ld: usize,
+/// The end of the diagonal step holding the tile's token `i` (of `tokens`): the diagonal
+/// keys that step is multiplied with.
+fn step_end(i: usize, tokens: usize) -> usize {
+    ((i / DIAGONAL_STEP + 1) * DIAGONAL_STEP).min(tokens)
 }
 
-impl<'a> Strided<'a> {
-    /// The same rows, starting `offset` values in.
-    fn skip(self, offset: usize) -> Strided<'a> {
-        Strided {
-            at: &self.at[offset..],
-            ld: self.ld,
+/// A matrix operand: element `(r, c)` at `at[r * row + c * col]`.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    at: &'a [f32],
+    row: usize,
+    col: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// Rows `ld` apart, each contiguous.
+    fn rows(at: &'a [f32], ld: usize) -> Self {
+        Operand {
+            at,
+            row: ld,
+            col: 1,
         }
     }
-}
 
-/// `dst[r][c] = scale · Σ_j a[r][j] · b[c][j]` (`b`'s rows `b.ld` apart) for `m x n`
-/// outputs `ldd` apart, `a` `m x k` dense.
-fn multiply_transposed(
-    dst: &mut [f32],
-    ldd: usize,
-    a: &[f32],
-    b: Strided,
-    [m, n, k]: [usize; 3],
-    scale: f32,
-) {
-    assert!(m > 0 && n > 0 && dst.len() >= (m - 1) * ldd + n && a.len() >= m * k);
-    assert!(b.at.len() >= (n - 1) * b.ld + k, "attention operands");
-    // SAFETY: every element `gemm` addresses lies inside the slices (asserted).
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            ldd as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.at.as_ptr(),
-            b.ld as isize,
-            1,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
+    /// The same values read as the transposed matrix.
+    fn transposed(self) -> Self {
+        Operand {
+            row: self.col,
+            col: self.row,
+            ..self
+        }
+    }
+
+    /// The same strides, starting `offset` values in.
+    fn skip(self, offset: usize) -> Self {
+        Operand {
+            at: &self.at[offset..],
+            ..self
+        }
+    }
+
+    /// Whether an `rows x cols` matrix at these strides lies inside `at`.
+    fn holds(&self, rows: usize, cols: usize) -> bool {
+        rows > 0 && cols > 0 && (rows - 1) * self.row + (cols - 1) * self.col < self.at.len()
     }
 }
 
-/// `dst (+)= a · b` for `m x n` outputs `ldd` apart, `a` `m x k` with rows `lda` apart and
-/// `b` `k x n` with rows `b.ld` apart.
+/// `dst = scale · a · b`, or `dst += scale · a · b` with `accumulate`, for `m x n` outputs
+/// `ldd` apart, `a` `m x k` and `b` `k x n` (single-threaded: the callers run in parallel).
 fn multiply(
     dst: &mut [f32],
     ldd: usize,
-    a: &[f32],
-    lda: usize,
-    b: Strided,
+    a: Operand,
+    b: Operand,
     [m, n, k]: [usize; 3],
     accumulate: bool,
+    scale: f32,
 ) {
-    assert!(m > 0 && k > 0 && dst.len() >= (m - 1) * ldd + n);
     assert!(
-        a.len() >= (m - 1) * lda + k && b.at.len() >= (k - 1) * b.ld + n,
+        m > 0 && n > 0 && dst.len() >= (m - 1) * ldd + n && a.holds(m, k) && b.holds(k, n),
         "attention operands"
     );
     // SAFETY: every element `gemm` addresses lies inside the slices (asserted).
@@ -643,14 +637,14 @@ fn multiply(
             1,
             ldd as isize,
             accumulate,
-            a.as_ptr(),
-            1,
-            lda as isize,
+            a.at.as_ptr(),
+            a.col as isize,
+            a.row as isize,
             b.at.as_ptr(),
-            1,
-            b.ld as isize,
+            b.col as isize,
+            b.row as isize,
             if accumulate { 1.0 } else { 0.0 },
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -775,7 +769,7 @@ multiversion! {
         let tokens = keys - shared;
         for (row, s) in scores.chunks_exact_mut(keys).enumerate() {
             let i = row / rep;
-            let read = shared + ((i / DIAGONAL_STEP + 1) * DIAGONAL_STEP).min(tokens);
+            let read = shared + step_end(i, tokens);
             inv_sums[row] = 1.0 / exp_seen::<M>(&mut s[..read], shared + i + 1);
         }
     }

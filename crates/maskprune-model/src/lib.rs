@@ -18,6 +18,7 @@ pub use error::{ModelError, Result};
 pub use family::{Biases, Family};
 pub use llama::{KvCache, LayerLora, LayerMask, Llama, Lora, Site};
 pub use tokenizer::load_tokenizer;
+pub use weights::{weights_sha256, WeightStore};
 
 /// `n` reproducible pseudo-random values in `[-0.5, 0.5)` for the unit tests.
 #[cfg(test)]
@@ -32,4 +33,3 @@ pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
-pub use weights::{weights_sha256, WeightStore};
