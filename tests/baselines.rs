@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use maskprune_baselines::{activation_scores, taylor_scores, Method};
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::next_token_loss;
-use maskprune_model::llama::silu;
+use maskprune_model::kernels::composed::silu;
 use maskprune_model::rope::{inverse_frequencies, Rotary};
 use maskprune_model::{KvCache, Llama, ModelConfig, WeightStore};
 use maskprune_surgery::{mask_checkpoint_with_lora, Granularity, LayerPlan, PrunePlan};

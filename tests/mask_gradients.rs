@@ -118,3 +118,139 @@ fn mask_gradient_matches_finite_differences() {
         );
     }
 }
+
+/// The loss and the gradients of one training step: the masked student with LoRA on every
+/// projection, the head loss (KL to the dense teacher at `temperature`, plus the next-token
+/// term), on backend `Bk`.
+fn step_gradients<Bk: maskprune_model::TrainKernels>(temperature: f64) -> (f64, Vec<Vec<f32>>) {
+    use maskprune_mask::next_token_targets;
+    use maskprune_model::HeadTerms;
+    let device = Default::default();
+    let model = Llama::<Bk>::load(&fixtures().join("tiny-llama"), &device).unwrap();
+    let rows = reference_rows();
+    let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let tokens = token_tensor::<Bk>(&rows, &device);
+    let teacher = model
+        .inner()
+        .hidden_states(token_tensor(&rows, &device), None, None)
+        .unwrap();
+    let [b, t, h] = teacher.dims();
+    let teacher = Tensor::from_inner(teacher.reshape([b * t, h]));
+    let masks = UnitMasks::<Bk>::from_values(
+        &model.config,
+        Granularity::KvGroup,
+        vec![vec![1.0, 0.0], vec![0.7, 1.0]],
+        vec![
+            vec![1.0; 128],
+            (0..128)
+                .map(|c| if c % 3 == 0 { 0.0 } else { 1.0 })
+                .collect(),
+        ],
+        &device,
+    )
+    .require_grad();
+    let settings = LoraSettings {
+        targets: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..LoraSettings::default()
+    };
+    let mut adapters = Adapters::new(&model.config, &settings, 0);
+    // Non-zero B matrices, so that every adapter's A gets a gradient too.
+    for (i, m) in adapters.matrices.iter_mut().enumerate() {
+        if m.name.ends_with("lora_b") {
+            let n = m.value.len();
+            m.value = pseudo_random(n, i as u64)
+                .into_iter()
+                .map(|v| v * 0.1)
+                .collect();
+        }
+    }
+    let (lora, flat) = adapters.to_tensors::<Bk>(
+        model.config.num_hidden_layers,
+        &device,
+        Tensor::require_grad,
+    );
+    let hidden = model
+        .hidden_states(tokens, Some(&masks.layer_masks()), Some(&lora))
+        .unwrap();
+    let targets = next_token_targets(&rows);
+    let loss = model.head_loss(
+        hidden,
+        HeadTerms {
+            teacher: Some((teacher, temperature)),
+            targets: Some((&targets[..], 0.5)),
+        },
+    );
+    let value = loss.distill.unwrap() + 0.5 * loss.ntp.unwrap();
+    let grads = loss.loss.backward();
+    let grad = |t: &Tensor<Bk, 1>| -> Vec<f32> {
+        t.grad(&grads)
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap()
+    };
+    let mut all: Vec<Vec<f32>> = masks
+        .attention
+        .iter()
+        .chain(&masks.channels)
+        .map(grad)
+        .collect();
+    for t in &flat {
+        all.push(
+            t.grad(&grads)
+                .unwrap()
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap(),
+        );
+    }
+    (value, all)
+}
+
+/// `n` reproducible values in `[-0.5, 0.5)`.
+fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+#[test]
+fn fused_kernels_give_the_composed_ops_gradients() {
+    // burn-flex under autodiff runs the fused forward and backward kernels; burn-ndarray runs
+    // burn's composed ops (the generic path), differentiated by burn.
+    for temperature in [1.0, 2.0] {
+        let (fused_loss, fused) = step_gradients::<AD>(temperature);
+        let (loss, composed) = step_gradients::<Autodiff<burn::backend::NdArray>>(temperature);
+        assert!(
+            (fused_loss - loss).abs() < 1e-5 * loss.abs().max(1.0),
+            "loss {fused_loss} vs {loss}"
+        );
+        assert_eq!(fused.len(), composed.len());
+        for (i, (a, b)) in fused.iter().zip(&composed).enumerate() {
+            let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
+            let diff = max_abs_diff(a, b);
+            assert!(
+                diff < 1e-3 * scale,
+                "T {temperature}: gradient {i} differs by {diff} (scale {scale})"
+            );
+        }
+    }
+}

@@ -17,8 +17,9 @@ use std::str::FromStr;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use maskprune_eval::perplexity::token_tensor;
-use maskprune_mask::next_token_loss;
+use maskprune_mask::next_token_targets;
 use maskprune_model::llama::{transpose, Linear};
+use maskprune_model::{HeadTerms, Kernels};
 use maskprune_model::{Llama, ModelConfig, Result, Site, WeightStore};
 use maskprune_surgery::rank::{unit_sums, LayerImportance};
 use maskprune_surgery::LayerScores;
@@ -155,7 +156,7 @@ fn column_weighted(w: &[f32], cols: usize, a: &[f64], f: impl Fn(f32, f64) -> f6
 
 /// Wanda-SP or FLAP scores from activation statistics over `windows` (batches of `batch`);
 /// `on_batch` is called after each batch.
-pub fn activation_scores<B: Backend>(
+pub fn activation_scores<B: Kernels>(
     method: Method,
     model: &Llama<B>,
     store: &WeightStore,
@@ -236,7 +237,7 @@ fn linears_mut<B: Backend>(model: &mut Llama<B>) -> Vec<&mut Linear<B>> {
 
 /// LLM-Pruner's element-wise first-order Taylor scores: the next-token loss's gradient
 /// summed over the batches of `windows`, then `|w·g|` summed over each unit's weights.
-pub fn taylor_scores<B: AutodiffBackend>(
+pub fn taylor_scores<B: AutodiffBackend + Kernels>(
     mut model: Llama<B>,
     windows: &[Vec<u32>],
     batch: usize,
@@ -248,9 +249,14 @@ pub fn taylor_scores<B: AutodiffBackend>(
     let device = model.device();
     let mut grad_sums: Vec<Vec<f32>> = Vec::new();
     for rows in windows.chunks(batch.max(1)) {
-        let tokens = tokens::<B>(rows, &device);
-        let logits = model.forward(tokens.clone())?;
-        let grads = next_token_loss(logits, tokens).backward();
+        let hidden = model.hidden_states(tokens::<B>(rows, &device), None, None)?;
+        let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let targets = next_token_targets(&rows);
+        let terms = HeadTerms {
+            teacher: None,
+            targets: Some((&targets[..], 1.0)),
+        };
+        let grads = model.head_loss(hidden, terms).loss.backward();
         for (i, lin) in linears_mut(&mut model).into_iter().enumerate() {
             let g: Vec<f32> = lin
                 .weight

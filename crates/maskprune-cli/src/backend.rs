@@ -3,7 +3,7 @@
 
 use std::str::FromStr;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use maskprune_model::{Kernels, TrainKernels};
 
 /// The `--device` flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub trait BackendJob {
     /// What the job returns.
     type Output;
     /// Runs the job on backend `B` and `device`.
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
+    fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<Self::Output>;
 }
 
 /// Runs `job` on the backend `device` names.
@@ -66,7 +66,7 @@ pub trait AutodiffJob {
     /// What the job returns.
     type Output;
     /// Runs the job on autodiff backend `B` and `device`.
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
+    fn run<B: TrainKernels>(self, device: B::Device) -> anyhow::Result<Self::Output>;
 }
 
 /// Runs `job` on the autodiff version of the backend `device` names.

@@ -4,9 +4,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
 use maskprune_eval::perplexity::token_tensor;
-use maskprune_model::{output::write_file_atomically, KvCache, Llama};
+use maskprune_model::{output::write_file_atomically, Kernels, KvCache, Llama};
 use serde_json::json;
 
 use crate::backend::{dispatch, dispatch_autodiff, AutodiffJob, BackendJob};
@@ -42,12 +41,15 @@ pub struct Args {
     /// Timed runs per shape (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Time one mask-training step per shape instead (alone in the process, so peak RSS is
-    /// the step's): teacher forward, student forward and backward with straight-through masks
-    /// (kv_group) and LoRA rank 8 on q and v; then the same step with the teacher's hidden
-    /// states cached, as `train-masks` runs it.
+    /// Time real mask-training updates per shape instead (alone in the process, so peak
+    /// RSS is training's): a `train-masks` run of `--updates` updates on new windows (the
+    /// teacher's forward in each, as in a run's first epoch), then `--repeats` more with the
+    /// teacher's hidden states cached.
     #[arg(long)]
     train_step: bool,
+    /// With --train-step: updates of the timed run.
+    #[arg(long, default_value_t = 20)]
+    updates: usize,
     /// Write the measurements here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -100,7 +102,7 @@ fn peak_rss_bytes() -> u64 {
 }
 
 /// Greedy decoding with a KV cache: prefill `prompt` tokens, then `new` tokens one at a time.
-fn decode<B: Backend>(
+fn decode<B: Kernels>(
     model: &Llama<B>,
     batch: usize,
     prompt: usize,
@@ -266,10 +268,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let shapes = parse_shapes(&args.shapes)?;
     parse_decode(&args.decode)?;
     let (device, train) = (args.run.device, args.train_step);
+    anyhow::ensure!(
+        args.updates > 0 && args.repeats > 0,
+        "--updates and --repeats must be positive"
+    );
     let job = TrainStepJob(
         args.model.clone(),
         shapes.clone(),
-        args.warmup,
+        args.updates,
         args.repeats,
     );
     let json = args.json.clone();
@@ -297,68 +303,157 @@ fn random_rows(batch: usize, len: usize, vocab: u64) -> Vec<Vec<u32>> {
 
 impl AutodiffJob for TrainStepJob {
     type Output = serde_json::Value;
-    fn run<B: burn::tensor::backend::AutodiffBackend>(
+
+    /// A real `train-masks` run of `updates + repeats` updates on random windows, in a
+    /// temporary run directory: the trainer's own loop (teacher hidden states, masked student
+    /// with LoRA, fused head loss and backward, host-side minimax and Adam, log lines, a
+    /// checkpoint every `CHECKPOINT_EVERY` updates). Each of the first `updates` sees new
+    /// windows, so the teacher's forward runs in every one (a run's first epoch; PyTorch's
+    /// step does the same work); the last `repeats` revisit windows with the teacher's
+    /// hidden states cached (a run's later epochs).
+    fn run<B: maskprune_model::TrainKernels>(
         self,
         device: B::Device,
     ) -> anyhow::Result<serde_json::Value> {
-        use maskprune_mask::{distillation_kl, Granularity, UnitMasks};
-        use maskprune_train::{config::LoraSettings, Adapters};
-        let TrainStepJob(dir, shapes, warmup, repeats) = self;
+        const CHECKPOINT_EVERY: u64 = 10;
+        let TrainStepJob(dir, shapes, updates, repeats) = self;
         let model = Llama::<B>::load(&dir, &device)?;
-        let config = model.config.clone();
+        let c = model.config.clone();
+        let peak = gemm_peak_gflops();
         let mut out = Vec::new();
         for (batch, len) in shapes {
-            let tokens = random_rows(batch, len, config.vocab_size as u64);
-            let rows: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
-            let masks = UnitMasks::<B>::ones(&config, Granularity::KvGroup, &device).require_grad();
-            let (lora, _) = Adapters::new(&config, &LoraSettings::default(), 0).to_tensors::<B>(
-                config.num_hidden_layers,
-                &device,
-                burn::tensor::Tensor::require_grad,
-            );
-            let tokens = || token_tensor(&rows, &device);
-            let step = |teacher: burn::tensor::Tensor<B, 3>| -> anyhow::Result<()> {
-                let student =
-                    model.forward_with(tokens(), Some(&masks.layer_masks()), Some(&lora))?;
-                let grads = distillation_kl(student, teacher, 2.0).backward();
-                // Reading a gradient back forces the backend to finish.
-                let _ = masks.channels[0]
-                    .grad(&grads)
-                    .map(|g| g.sum().into_scalar());
-                Ok(())
+            let steps = updates + repeats;
+            let eval = 2;
+            let config = maskprune_train::TrainConfig::parse(
+                &format!(
+                    "[budget]\nsparsity = 0.3\n[train]\nsteps = {steps}\nbatch = {batch}\n\
+                     warmup_steps = {steps}\nmask_init = \"magnitude\"\n\
+                     checkpoint_every = {CHECKPOINT_EVERY}\neval_samples = {eval}\n"
+                ),
+                &[],
+            )
+            .map_err(|m| anyhow::anyhow!("bench configuration: {m}"))?;
+            let calibration = maskprune_data::CalibrationSet {
+                dataset: "random".into(),
+                file: "random".into(),
+                sha256: String::new(),
+                documents: (0, 0),
+                seed: 0,
+                seq_len: len,
+                tokenizer_sha256: String::new(),
+                samples: random_rows(updates * batch + eval, len, c.vocab_size as u64),
             };
-            // The teacher as `train-masks` runs it: the shared weights outside autodiff (the
-            // inference kernels), then the LM head.
-            let teacher = model.inner();
-            let full = time_runs(warmup, repeats, || {
-                let hidden =
-                    teacher.hidden_states(token_tensor(&rows, &teacher.device()), None, None)?;
-                step(model.logits(burn::tensor::Tensor::from_inner(hidden)))
-            })?;
-            let hidden = model.hidden_states(tokens(), None, None)?.detach();
-            let cached = time_runs(warmup, repeats, || step(model.logits(hidden.clone())))?;
+            let run_dir = std::env::temp_dir().join(format!(
+                "maskprune-bench-train-{}-{batch}x{len}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&run_dir);
+            std::fs::create_dir_all(&run_dir)?;
+            let spec = maskprune_train::RunSpec {
+                model_dir: &dir,
+                config: &config,
+                calibration: &calibration,
+                run_dir: &run_dir,
+                resume: false,
+            };
+            let mut seconds = Vec::new();
+            let started = Instant::now();
+            let mut wall = 0.0;
+            let result = maskprune_train::train(&model, &spec, &mut |r| {
+                seconds.push(r.seconds);
+                if r.step == updates as u64 {
+                    wall = started.elapsed().as_secs_f64();
+                }
+            });
+            let _ = std::fs::remove_dir_all(&run_dir);
+            result.map_err(|m| anyhow::anyhow!(m))?;
+            let (run, cached) = seconds.split_at(updates);
+            let mean = run.iter().sum::<f64>() / updates as f64;
+            let work = update_flops(&c, batch, len);
+            let gflops = (work.student + work.teacher) / mean / 1e9;
+            let cached_gflops = work.student / median(cached) / 1e9;
             println!(
-                "train step {batch}x{len}: {:.3}s median of {repeats} (teacher fwd + student fwd/bwd); {:.3}s with the teacher's hidden states cached",
-                median(&full),
-                median(&cached)
+                "train-masks update {batch}x{len}: {mean:.3}s mean of a {updates}-update run, the teacher's forward in each ({gflops:.0} GFLOP/s, {:.0}% of the gemm peak {peak:.0}); {:.3}s with it cached ({cached_gflops:.0} GFLOP/s); {:.3}s per update with logs and checkpoints",
+                100.0 * gflops / peak,
+                median(cached),
+                wall / updates as f64,
             );
-            out.push(json!({"batch": batch, "seq_len": len, "seconds": full, "median_s": median(&full),
-                            "cached_teacher_seconds": cached, "cached_teacher_median_s": median(&cached)}));
+            out.push(json!({
+                "batch": batch, "seq_len": len, "updates": updates,
+                "seconds": run, "mean_s": mean, "median_s": median(run),
+                "wall_per_update_s": wall / updates as f64, "checkpoint_every": CHECKPOINT_EVERY,
+                "cached_teacher_seconds": cached, "cached_teacher_median_s": median(cached),
+                "flops": work.student + work.teacher, "cached_teacher_flops": work.student,
+                "gflops_per_s": gflops, "cached_teacher_gflops_per_s": cached_gflops,
+                "share_of_gemm_peak": gflops / peak,
+                "cached_teacher_share_of_gemm_peak": cached_gflops / peak,
+            }));
         }
         Ok(json!({
             "bench": "train_step",
             "model": dir,
-            "what": "teacher forward + student forward and backward, kv_group masks (STE) + LoRA r8 on q,v, KL T=2",
+            "what": "real train-masks updates (the trainer's gradients and apply): teacher hidden states, student with kv_group masks (STE) and LoRA r8 on q,v, fused LM head + KL (T=1) and backward, minimax and Adam on the host, log lines and checkpoints",
             "backend": std::any::type_name::<B>(),
             "threads": available_threads(),
+            "gemm_peak_gflops_per_s": peak,
             "results": out,
         }))
     }
 }
 
+/// Floating-point operations of one mask-training update, counted as `2 × MACs`.
+struct UpdateFlops {
+    /// The teacher's forward (when its hidden states are not cached).
+    teacher: f64,
+    /// The student's forward and backward and the loss's two head products.
+    student: f64,
+}
+
+/// The work of an update over `batch × len` tokens: every decoder linear weight once per
+/// token in the teacher's and the student's forward and once in the student's backward
+/// (input gradients only: the weights are frozen); attention's `QKᵀ` and `PV` over the
+/// average causal context `(len + 1) / 2` in each forward and five such products in the
+/// backward (`S` again, `dP`, `dQ`, `dK`, `dV`); the LM head for the teacher's and the
+/// student's logits and the student's hidden-state gradient.
+fn update_flops(c: &maskprune_model::ModelConfig, batch: usize, len: usize) -> UpdateFlops {
+    let tokens = (batch * len) as f64;
+    let linear = (c.num_hidden_layers * c.layer_linear_params()) as f64;
+    let attention = (c.num_hidden_layers * c.num_attention_heads * c.head_dim) as f64
+        * (len as f64 + 1.0)
+        / 2.0;
+    let head = (c.hidden_size * c.vocab_size) as f64;
+    let macs = |passes: f64, attention_products: f64, heads: f64| {
+        tokens * (passes * linear + attention_products * attention + heads * head)
+    };
+    UpdateFlops {
+        teacher: 2.0 * macs(1.0, 2.0, 0.0),
+        student: 2.0 * macs(2.0, 7.0, 3.0),
+    }
+}
+
+/// The machine's f32 `gemm` rate (GFLOP/s) at a decoder projection's shape (512 tokens,
+/// 576 in, 1536 out), split over the threads as the linear layers are: the median of 20.
+fn gemm_peak_gflops() -> f64 {
+    let [m, n, k] = [512, 1536, 576];
+    let x = vec![0.5f32; m * k];
+    let w = vec![0.25f32; k * n];
+    let times = time_runs(3, 20, || {
+        maskprune_model::cpu_kernels::on_pool(|| {
+            std::hint::black_box(maskprune_model::cpu_kernels::gemm::matmul(
+                &x,
+                &w,
+                [m, n, k],
+            ));
+        });
+        Ok(())
+    })
+    .expect("no errors");
+    2.0 * (m * n * k) as f64 / median(&times) / 1e9
+}
+
 impl BackendJob for Job {
     type Output = serde_json::Value;
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<serde_json::Value> {
+    fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<serde_json::Value> {
         let Job(a, shapes) = self;
         let model = Llama::<B>::load(&a.model, &device)?;
         let vocab = model.config.vocab_size as u64;

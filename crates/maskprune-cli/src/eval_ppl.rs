@@ -3,11 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use burn::tensor::backend::Backend;
 use maskprune_data::{load_dataset, windows, Role};
 use maskprune_eval::perplexity;
 use maskprune_model::{
-    load_tokenizer, output::write_file_atomically, weights_sha256, Llama, WeightStore,
+    load_tokenizer, output::write_file_atomically, weights_sha256, Kernels, Llama, WeightStore,
 };
 use serde_json::json;
 
@@ -49,7 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 impl BackendJob for Job {
     type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<()> {
         let a = self.0;
         // Cheap checks first: the model's config and tokenizer, then the text, then the weights.
         let config = maskprune_model::ModelConfig::from_file(&a.model.join("config.json"))?;

@@ -4,13 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
 use maskprune_data::data_dir_candidates;
 use maskprune_eval::zeroshot::{
     encode_pair, read_documents, score_documents, score_requests, task_metrics, Request,
 };
 use maskprune_model::{
-    load_tokenizer, output::write_file_atomically, weights_sha256, Llama, ModelConfig, WeightStore,
+    load_tokenizer, output::write_file_atomically, weights_sha256, Kernels, Llama, ModelConfig,
+    WeightStore,
 };
 use serde_json::{json, Value};
 
@@ -86,7 +86,7 @@ fn tokenizer_wants_bos(dir: &Path) -> bool {
 
 impl BackendJob for Job {
     type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<()> {
         let a = self.0;
         let config = ModelConfig::from_file(&a.model.join("config.json"))?;
         let tokenizer = load_tokenizer(&a.model, &config)?;

@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use burn::tensor::backend::AutodiffBackend;
 use maskprune_baselines::{activation_scores, random_scores, taylor_scores, Method};
 use maskprune_data::CalibrationSet;
-use maskprune_model::{output::write_file_atomically, Llama, ModelConfig, WeightStore};
+use maskprune_model::{
+    output::write_file_atomically, Llama, ModelConfig, TrainKernels, WeightStore,
+};
 use maskprune_surgery::rank::plan_from_scores;
 use maskprune_surgery::{
     apply_plan, magnitude_scores, uniform_widths, Granularity, LayerScores, PrunePlan, Widths,
@@ -198,7 +199,7 @@ pub struct ScoreJob {
 impl AutodiffJob for ScoreJob {
     type Output = Vec<LayerScores>;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<Self::Output> {
+    fn run<B: TrainKernels>(self, device: B::Device) -> anyhow::Result<Self::Output> {
         let config = ModelConfig::from_file(&self.model.join("config.json"))?;
         let store = WeightStore::open(&self.model)?;
         if !self.method.needs_calibration() {

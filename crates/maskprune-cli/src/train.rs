@@ -169,7 +169,7 @@ struct TrainJob {
 
 impl AutodiffJob for TrainJob {
     type Output = TrainSummary;
-    fn run<B: burn::tensor::backend::AutodiffBackend>(
+    fn run<B: maskprune_model::TrainKernels>(
         self,
         device: B::Device,
     ) -> anyhow::Result<TrainSummary> {

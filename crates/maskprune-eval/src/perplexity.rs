@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use maskprune_model::{LayerMask, Llama, Result};
+use maskprune_model::{Kernels, LayerMask, Llama, Result};
 use serde::Serialize;
 
 /// The outcome of a perplexity run.
@@ -38,33 +38,8 @@ pub fn token_tensor<B: Backend>(rows: &[&[u32]], device: &B::Device) -> Tensor<B
     Tensor::from_data(TensorData::new(data, [rows.len(), len]), device)
 }
 
-/// `log softmax(logits)[target]` per row of `[rows, vocab]` logits.
-///
-/// The normaliser is summed in two levels (blocks of 128, then the blocks): a flat f32 sum
-/// over a 49k vocabulary drifts by ~1e-4 nats, which showed as a systematic offset against
-/// transformers at seq-len 1024.
-pub fn target_logprobs<B: Backend>(
-    logits: Tensor<B, 2>,
-    targets: Tensor<B, 2, Int>,
-) -> Tensor<B, 1> {
-    let [rows, vocab] = logits.dims();
-    let shifted = logits.clone() - logits.max_dim(1);
-    let picked = shifted.clone().gather(1, targets);
-    let exp = shifted.exp();
-    const BLOCK: usize = 128;
-    let sum = if vocab % BLOCK == 0 {
-        exp.reshape([rows, vocab / BLOCK, BLOCK])
-            .sum_dim(2)
-            .sum_dim(1)
-            .reshape([rows, 1])
-    } else {
-        exp.sum_dim(1)
-    };
-    (picked - sum.log()).reshape([rows])
-}
-
 /// Per-position next-token log-likelihoods `[batch * (len - 1)]` of a batch of equal-length rows.
-pub fn next_token_logprobs<B: Backend>(
+pub fn next_token_logprobs<B: Kernels>(
     model: &Llama<B>,
     rows: &[&[u32]],
     masks: Option<&[LayerMask<B>]>,
@@ -72,23 +47,16 @@ pub fn next_token_logprobs<B: Backend>(
     let device = model.device();
     let [b, t] = [rows.len(), rows[0].len()];
     let hidden = model.hidden_states(token_tensor(rows, &device), masks, None)?;
-    let logits = model.logits(hidden.narrow(1, 0, t - 1));
-    let targets: Vec<&[u32]> = rows.iter().map(|r| &r[1..]).collect();
-    let targets = token_tensor::<B>(&targets, &device).reshape([b * (t - 1), 1]);
-    let picked = target_logprobs(
-        logits.reshape([b * (t - 1), model.config.vocab_size]),
-        targets,
-    );
-    Ok(picked
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("f32 data"))
+    let hidden = hidden
+        .narrow(1, 0, t - 1)
+        .reshape([b * (t - 1), model.config.hidden_size]);
+    let targets: Vec<u32> = rows.iter().flat_map(|r| r[1..].iter().copied()).collect();
+    Ok(model.target_logprobs(hidden, &targets))
 }
 
 /// Perplexity of `model` over `windows` (all the same length), `batch` windows per forward.
 /// `progress` receives the number of tokens done so far.
-pub fn perplexity<B: Backend>(
+pub fn perplexity<B: Kernels>(
     model: &Llama<B>,
     windows: &[&[u32]],
     batch: usize,

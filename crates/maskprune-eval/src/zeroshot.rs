@@ -9,8 +9,8 @@
 
 use std::path::Path;
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use maskprune_model::{LayerMask, Llama, Result};
+use burn::tensor::{Int, Tensor, TensorData};
+use maskprune_model::{Kernels, LayerMask, Llama, Result};
 use serde::{Deserialize, Serialize};
 
 /// One multiple-choice document of `zeroshot/<task>.jsonl`.
@@ -94,7 +94,7 @@ pub fn encode_pair(
 
 /// Summed continuation log-probabilities of `requests`, batched by similar length; requests
 /// longer than `max_len` keep their last `max_len` tokens (as lm-eval does).
-pub fn score_requests<B: Backend>(
+pub fn score_requests<B: Kernels>(
     model: &Llama<B>,
     requests: &[Request],
     batch: usize,
@@ -140,7 +140,7 @@ pub fn score_requests<B: Backend>(
             counts.push(n);
             for k in 0..n {
                 positions.push((row * width + n_in - n + k) as i64);
-                targets.push(r.tokens[r.tokens.len() - n + k] as i64);
+                targets.push(r.tokens[r.tokens.len() - n + k]);
             }
         }
         let picked = hidden.reshape([chunk.len() * width, h]).select(
@@ -150,17 +150,7 @@ pub fn score_requests<B: Backend>(
                 &device,
             ),
         );
-        let logits = picked.matmul(model.lm_head.clone());
-        let targets = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(targets.clone(), [targets.len(), 1]),
-            &device,
-        );
-        let logp = crate::perplexity::target_logprobs(logits, targets);
-        let logp: Vec<f32> = logp
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("f32 data");
+        let logp = model.target_logprobs(picked, &targets);
         let mut cursor = 0;
         for (&i, &n) in chunk.iter().zip(&counts) {
             scores[i] = logp[cursor..cursor + n].iter().map(|&v| v as f64).sum();
@@ -178,7 +168,7 @@ pub fn score_requests<B: Backend>(
 /// contexts, whose shared context is shorter than their continuations (nothing to gain), or
 /// that are longer than `max_len`, and every request when `masks` are given, go through
 /// [`score_requests`].
-pub fn score_documents<B: Backend>(
+pub fn score_documents<B: Kernels>(
     model: &Llama<B>,
     requests: &[Request],
     batch: usize,
@@ -244,7 +234,7 @@ fn context(r: &Request) -> &[u32] {
 }
 
 /// Scores of `continuations` after one shared `context` (both non-empty).
-fn shared_context_scores<B: Backend>(
+fn shared_context_scores<B: Kernels>(
     model: &Llama<B>,
     context: &[u32],
     continuations: &[&[u32]],
@@ -287,18 +277,11 @@ fn shared_context_scores<B: Backend>(
         picked.push(hidden.reshape([n * width, h]).select(0, index));
     }
     // Row order of `picked`: the first token of every choice, then the rest choice by choice.
-    let mut targets: Vec<i64> = continuations.iter().map(|c| c[0] as i64).collect();
+    let mut targets: Vec<u32> = continuations.iter().map(|c| c[0]).collect();
     for c in continuations {
-        targets.extend(c[1..].iter().map(|&t| t as i64));
+        targets.extend(&c[1..]);
     }
-    let logits = Tensor::cat(picked, 0).matmul(model.lm_head.clone());
-    let count = targets.len();
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [count, 1]), &device);
-    let logp: Vec<f32> = crate::perplexity::target_logprobs(logits, targets)
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("f32 data");
+    let logp = model.target_logprobs(Tensor::cat(picked, 0), &targets);
     let mut scores: Vec<f64> = logp[..n].iter().map(|&v| v as f64).collect();
     let mut cursor = n;
     for (s, c) in scores.iter_mut().zip(continuations) {

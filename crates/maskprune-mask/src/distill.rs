@@ -1,7 +1,9 @@
-//! The distillation loss between the dense teacher and the masked student.
+//! The distillation and next-token losses on logits `[batch, len, vocab]`, as burn tensor
+//! ops (the definitions; mask training computes them fused with the LM head through
+//! [`maskprune_model::Llama::head_loss`]).
 
-use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{backend::Backend, Tensor};
+use maskprune_model::kernels::composed;
 
 /// Mean over positions of KL(teacher || student) on logits `[batch, len, vocab]` softened by
 /// `temperature`, multiplied by `temperature^2` (Hinton et al.) so gradients keep their scale.
@@ -11,15 +13,12 @@ pub fn distillation_kl<B: Backend>(
     teacher: Tensor<B, 3>,
     temperature: f64,
 ) -> Tensor<B, 1> {
-    let [b, t, _] = student.dims();
-    let teacher = teacher.detach().div_scalar(temperature);
-    let log_p_t = log_softmax(teacher.clone(), 2);
-    let p_t = softmax(teacher, 2);
-    let log_p_s = log_softmax(student.div_scalar(temperature), 2);
-    (p_t * (log_p_t - log_p_s))
-        .sum()
-        .div_scalar((b * t) as f64)
-        .mul_scalar(temperature * temperature)
+    let [b, t, v] = student.dims();
+    composed::distillation_kl(
+        student.reshape([b * t, v]),
+        teacher.reshape([b * t, v]),
+        temperature,
+    )
 }
 
 /// Mean next-token cross-entropy of logits `[batch, len, vocab]` on the tokens themselves
@@ -29,13 +28,27 @@ pub fn next_token_loss<B: Backend>(
     tokens: Tensor<B, 2, burn::tensor::Int>,
 ) -> Tensor<B, 1> {
     let [b, t, v] = logits.dims();
-    let log_p = log_softmax(logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]), 1);
-    let targets = tokens.narrow(1, 1, t - 1).reshape([b * (t - 1), 1]);
-    log_p
-        .gather(1, targets)
-        .sum()
-        .neg()
-        .div_scalar((b * (t - 1)) as f64)
+    let targets: Vec<u32> = tokens
+        .narrow(1, 1, t - 1)
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("token ids")
+        .into_iter()
+        .map(|id| id as u32)
+        .collect();
+    composed::cross_entropy(
+        logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]),
+        &targets,
+    )
+}
+
+/// The next-token target of every position of `rows` (`None` for each row's last position),
+/// in the batch-major order of [`maskprune_model::Llama::head_loss`].
+pub fn next_token_targets(rows: &[&[u32]]) -> Vec<Option<u32>> {
+    rows.iter()
+        .flat_map(|r| (0..r.len()).map(move |i| r.get(i + 1).copied()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -5,13 +5,14 @@
 //! * [`binary_ste`]: the forward uses `b = 1[m != 0]`, the backward passes `dL/db` to `m`
 //!   unchanged (straight-through estimator);
 //! * [`UnitMasks::layer_masks`]: the per-query-head and per-channel masks the model takes;
-//! * [`distillation_kl`]: KL(teacher || student) with a temperature; [`next_token_loss`].
+//! * [`distillation_kl`]: KL(teacher || student) with a temperature; [`next_token_loss`];
+//!   [`next_token_targets`] for the fused head loss.
 //!
 //! LoRA adapters live in `maskprune-train` (`Adapters`), with their optimiser and checkpoints.
 
 pub mod distill;
 pub mod units;
 
-pub use distill::{distillation_kl, next_token_loss};
+pub use distill::{distillation_kl, next_token_loss, next_token_targets};
 pub use maskprune_surgery::Granularity;
 pub use units::{binary_ste, UnitMasks};

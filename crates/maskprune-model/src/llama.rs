@@ -4,13 +4,11 @@
 use std::path::Path;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
-use crate::cpu_kernels;
 use crate::error::{ModelError, Result};
+use crate::kernels::{HeadLoss, HeadTerms, Kernels};
 use crate::rope::{inverse_frequencies, Rotary};
 use crate::weights::WeightStore;
 
@@ -23,7 +21,7 @@ pub struct Linear<B: Backend> {
     pub bias: Option<Tensor<B, 1>>,
 }
 
-impl<B: Backend> Linear<B> {
+impl<B: Kernels> Linear<B> {
     /// Applies the layer to `[batch, len, in]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.forward_lora(x, None)
@@ -31,39 +29,26 @@ impl<B: Backend> Linear<B> {
 
     /// Applies the layer plus an optional low-rank adapter: `x·W + b + scale·(x·A)·B`.
     pub fn forward_lora(&self, x: Tensor<B, 3>, lora: Option<&Lora<B>>) -> Tensor<B, 3> {
-        if lora.is_none() && cpu_kernels::serves::<B>() {
-            let y = cpu_kernels::matmul(x, &self.weight);
-            return match &self.bias {
-                Some(bias) => y + bias.clone().unsqueeze::<3>(),
-                None => y,
-            };
-        }
-        let [b, t, d_in] = x.dims();
-        let d_out = self.weight.dims()[1];
-        let x = x.reshape([b * t, d_in]);
-        let mut y = x.clone().matmul(self.weight.clone());
+        let mut y = match lora {
+            Some(l) => B::frozen_linear(x.clone(), &self.weight) + l.forward(x),
+            None => B::frozen_linear(x, &self.weight),
+        };
         if let Some(bias) = &self.bias {
-            y = y + bias.clone().unsqueeze::<2>();
+            y = y + bias.clone().unsqueeze::<3>();
         }
-        if let Some(l) = lora {
-            y = y + x
-                .matmul(l.a.clone())
-                .matmul(l.b.clone())
-                .mul_scalar(l.scale);
-        }
-        y.reshape([b, t, d_out])
+        y
     }
 
-    /// `residual + self.forward_lora(x, lora)`. On burn-flex, without bias or adapter, the
-    /// product is accumulated straight into the residual ([`cpu_kernels::matmul_add`]).
+    /// `residual + self.forward_lora(x, lora)`; without bias or adapter, the backend's
+    /// [`Kernels::frozen_linear_add`] (on burn-flex the product is accumulated into the residual).
     pub fn forward_add(
         &self,
         x: Tensor<B, 3>,
         residual: Tensor<B, 3>,
         lora: Option<&Lora<B>>,
     ) -> Tensor<B, 3> {
-        if lora.is_none() && self.bias.is_none() && cpu_kernels::serves::<B>() {
-            return cpu_kernels::matmul_add(residual, x, &self.weight);
+        if lora.is_none() && self.bias.is_none() {
+            return B::frozen_linear_add(residual, x, &self.weight);
         }
         residual + self.forward_lora(x, lora)
     }
@@ -84,6 +69,17 @@ impl<B: Backend> Lora<B> {
     /// The dense update `scale·A·B`, `[in, out]`, to merge into the weight.
     pub fn delta(&self) -> Tensor<B, 2> {
         self.a.clone().matmul(self.b.clone()).mul_scalar(self.scale)
+    }
+
+    /// `scale·(x·A)·B` for `x` `[batch, len, in]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d_in] = x.dims();
+        let d_out = self.b.dims()[1];
+        x.reshape([b * t, d_in])
+            .matmul(self.a.clone())
+            .matmul(self.b.clone())
+            .mul_scalar(self.scale)
+            .reshape([b, t, d_out])
     }
 }
 
@@ -129,18 +125,10 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: Kernels> RmsNorm<B> {
     /// Normalises `[batch, len, hidden]` over the last dimension.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        if cpu_kernels::serves::<B>() {
-            let weight = self.weight.clone().into_data();
-            let weight = weight.as_slice::<f32>().expect("f32 weights");
-            return cpu_kernels::rms_norm(x, weight, self.eps);
-        }
-        // A true division: burn-ndarray's SIMD `recip` is an approximation (~1e-4 relative),
-        // which alone put the logits 2e-3 away from transformers.
-        let rms = x.clone().square().mean_dim(2).add_scalar(self.eps).sqrt();
-        x / rms * self.weight.clone().unsqueeze::<3>()
+        B::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -196,7 +184,7 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: Kernels> Attention<B> {
     /// Causal attention over `[batch, len, hidden]`; `head_mask` scales each query head's output.
     pub fn forward(
         &self,
@@ -231,11 +219,10 @@ impl<B: Backend> Attention<B> {
         observe: Option<&mut Observer<'_, B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let rep = h / kvh;
+        let (h, d) = (self.num_heads, self.head_dim);
         let adapter = |pick: fn(&LayerLora<B>) -> Option<&Lora<B>>| lora.and_then(pick);
         let (q, k, v) = self.project(x, rotary, adapter);
-        let out = attend(q, k, v, rep);
+        let out = B::causal_attention(q, k, v);
         let out = match head_mask {
             Some(m) => out * m.clone().reshape([1, 1, h, 1]),
             None => out,
@@ -291,14 +278,14 @@ impl<B: Backend> Attention<B> {
         cache: &mut LayerCache<B>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (h, d) = (self.num_heads, self.head_dim);
         let (q, k, v) = self.project(x, rotary, |_| None);
         let (k, v) = match cache.kv.take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 1), Tensor::cat(vec![pv, v], 1)),
             None => (k, v),
         };
         cache.kv = Some((k.clone(), v.clone()));
-        attend(q, k, v, h / kvh).reshape([b, t, h * d])
+        B::causal_attention(q, k, v).reshape([b, t, h * d])
     }
 }
 
@@ -345,50 +332,6 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Causal softmax attention of `q` `[b, t, h, d]` over `k`, `v` `[b, T, kv_heads, d]` with
-/// `rep` query heads per KV head; the `t` queries are the last `t` of the `T` positions.
-/// Returns `[b, t, h, d]`.
-///
-/// On burn-flex (inference) a tiled CPU kernel does the work ([`crate::cpu_kernels`]);
-/// elsewhere burn's `attention` op: a flash kernel on CUDA, a composition of differentiable
-/// tensor ops under autodiff.
-fn attend<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    rep: usize,
-) -> Tensor<B, 4> {
-    if cpu_kernels::serves::<B>() {
-        return cpu_kernels::causal_attention(q, k, v);
-    }
-    let [b, len, kvh, d] = k.dims();
-    // Grouped-query attention: each KV head serves `rep` consecutive query heads.
-    let heads_first = |x: Tensor<B, 4>| {
-        let x = x.swap_dims(1, 2);
-        if rep == 1 {
-            x
-        } else {
-            x.unsqueeze_dim::<5>(2)
-                .expand([b, kvh, rep, len, d])
-                .reshape([b, kvh * rep, len, d])
-        }
-    };
-    let options = AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: true,
-    };
-    attention(
-        q.swap_dims(1, 2),
-        heads_first(k),
-        heads_first(v),
-        None,
-        None,
-        options,
-    )
-    .swap_dims(1, 2)
-}
-
 /// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp<B: Backend> {
@@ -400,7 +343,7 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: Kernels> Mlp<B> {
     /// Applies the MLP; `channel_mask` scales each intermediate channel.
     pub fn forward(&self, x: Tensor<B, 3>, channel_mask: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
         self.forward_lora(x, channel_mask, None, None)
@@ -427,14 +370,11 @@ impl<B: Backend> Mlp<B> {
         lora: Option<&LayerLora<B>>,
         observe: Option<&mut Observer<'_, B>>,
     ) -> Tensor<B, 3> {
-        // On burn-flex without adapters or biases: both projections and the product in one
-        // kernel.
-        let fused = cpu_kernels::serves::<B>()
-            && lora.is_none()
-            && self.gate_proj.bias.is_none()
-            && self.up_proj.bias.is_none();
+        // Without adapters or biases: both projections and the product in one operation (one
+        // kernel on burn-flex).
+        let fused = lora.is_none() && self.gate_proj.bias.is_none() && self.up_proj.bias.is_none();
         let act = if fused {
-            cpu_kernels::swiglu_projections(x, &self.gate_proj.weight, &self.up_proj.weight)
+            B::swiglu_projections(x, &self.gate_proj.weight, &self.up_proj.weight)
         } else {
             self.gated(x, lora)
         };
@@ -457,11 +397,7 @@ impl<B: Backend> Mlp<B> {
         let up = self
             .up_proj
             .forward_lora(x, adapter(|l| l.up_proj.as_ref()));
-        if cpu_kernels::serves::<B>() {
-            cpu_kernels::swiglu(gate, up)
-        } else {
-            silu(gate) * up
-        }
+        B::swiglu(gate, up)
     }
 }
 
@@ -478,7 +414,7 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: Kernels> DecoderLayer<B> {
     /// Applies the block with an optional mask and optional LoRA adapters.
     pub fn forward(
         &self,
@@ -650,7 +586,9 @@ impl<B: Backend> Llama<B> {
     pub fn device(&self) -> B::Device {
         self.embed_tokens.device()
     }
+}
 
+impl<B: Kernels> Llama<B> {
     /// Logits `[batch, len, vocab]` of the dense model.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
         self.forward_masked(tokens, None)
@@ -683,7 +621,7 @@ impl<B: Backend> Llama<B> {
         masks: Option<&[LayerMask<B>]>,
         lora: Option<&[LayerLora<B>]>,
     ) -> Result<Tensor<B, 3>> {
-        cpu_kernels::on_pool::<B, _>(|| self.run_layers(tokens, masks, lora, None))
+        B::run(|| self.run_layers(tokens, masks, lora, None))
     }
 
     fn run_layers(
@@ -771,7 +709,7 @@ impl<B: Backend> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 3>> {
-        cpu_kernels::on_pool::<B, _>(|| self.run_layers_cached(tokens, cache))
+        B::run(|| self.run_layers_cached(tokens, cache))
     }
 
     fn run_layers_cached(
@@ -814,17 +752,20 @@ impl<B: Backend> Llama<B> {
 
     /// Applies the LM head to hidden states.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        if cpu_kernels::serves::<B>() {
-            // The head's columns split over the threads: a prefill's one last position
-            // reads the whole 113 MB head of SmolLM2, 3.2 ms this way against 4.0 ms in
-            // burn-flex's matmul.
-            return cpu_kernels::matmul(hidden, &self.lm_head);
-        }
+        B::run(|| B::frozen_linear(hidden, &self.lm_head))
+    }
+
+    /// `log p(target)` of each row of final hidden states `[rows, hidden]` (perplexity and
+    /// zero-shot scoring): the logits are reduced as they are computed, never kept whole.
+    pub fn target_logprobs(&self, hidden: Tensor<B, 2>, targets: &[u32]) -> Vec<f32> {
+        B::run(|| B::target_logprobs(hidden, &self.lm_head, targets))
+    }
+
+    /// The distillation and next-token losses of final hidden states `[batch, len, hidden]`
+    /// (rows in order: batch-major), computed through the LM head.
+    pub fn head_loss(&self, hidden: Tensor<B, 3>, terms: HeadTerms<B>) -> HeadLoss<B> {
         let [b, t, h] = hidden.dims();
-        hidden
-            .reshape([b * t, h])
-            .matmul(self.lm_head.clone())
-            .reshape([b, t, self.config.vocab_size])
+        B::run(|| B::head_loss(hidden.reshape([b * t, h]), &self.lm_head, terms))
     }
 }
 
@@ -870,12 +811,6 @@ impl<B: AutodiffBackend> Llama<B> {
             inv_freq: self.inv_freq.clone(),
         }
     }
-}
-
-/// SiLU as `x / (1 + exp(-x))`: four elementwise passes where burn's generic
-/// `exp(-log(1 + exp(-x)))` sigmoid takes seven (same values to float rounding).
-pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.clone() / x.neg().exp().add_scalar(1.0)
 }
 
 /// Row-major transpose of a `rows x cols` matrix.
@@ -1007,28 +942,5 @@ mod tests {
             transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3),
             vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
         );
-    }
-}
-
-#[cfg(test)]
-mod silu_tests {
-    use super::*;
-    use burn::backend::NdArray;
-
-    #[test]
-    fn silu_is_x_times_sigmoid() {
-        let xs = vec![-30.0f32, -2.0, -0.5, 0.0, 0.5, 3.0, 30.0];
-        let t = Tensor::<NdArray, 1>::from_data(
-            TensorData::new(xs.clone(), [xs.len()]),
-            &Default::default(),
-        );
-        let y: Vec<f32> = silu(t).into_data().to_vec().unwrap();
-        for (x, y) in xs.iter().zip(&y) {
-            let e = x / (1.0 + (-x).exp());
-            assert!(
-                (y - e).abs() <= 1e-6 * e.abs().max(1.0),
-                "silu({x}) = {y}, expected {e}"
-            );
-        }
     }
 }

@@ -1,10 +1,12 @@
 //! Rotary position embedding in transformers' rotate-half layout, with the `linear` and
 //! `llama3` frequency scalings.
 
+use std::sync::Arc;
+
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::config::{ModelConfig, RopeScaling};
-use crate::cpu_kernels;
+use crate::kernels::Kernels;
 
 /// Inverse frequencies of the rotary embedding, computed in f32 as transformers does.
 pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
@@ -69,11 +71,14 @@ pub fn cos_sin_tables(inv_freq: &[f32], start: usize, len: usize) -> (Vec<f32>, 
     (cos, sin)
 }
 
-/// Rotary tables on a device, shaped `[1, len, 1, head_dim]`, and the `rotate_half` matrix.
+/// Rotary tables for positions `start..start + len`: host copies `[len, head_dim]` for the
+/// CPU kernels (with the negated sines their backward pass rotates by), and device tensors
+/// `[1, len, 1, head_dim]` with the `rotate_half` matrix for the composed ops.
 #[derive(Debug, Clone)]
 pub struct Rotary<B: Backend> {
-    /// Host copies of the tables, `[len, head_dim]`, for the CPU kernel.
-    host: (Vec<f32>, Vec<f32>),
+    cos_sin: (Vec<f32>, Vec<f32>),
+    /// Cosines and negated sines: the inverse rotation.
+    inverse: Arc<(Vec<f32>, Vec<f32>)>,
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
     /// `[head_dim, head_dim]` with `x · R = rotate_half(x) = [-x2, x1]`: one small matmul
@@ -95,29 +100,33 @@ impl<B: Backend> Rotary<B> {
         Self {
             cos: Tensor::from_data(TensorData::new(cos.clone(), [1, len, 1, dim]), device),
             sin: Tensor::from_data(TensorData::new(sin.clone(), [1, len, 1, dim]), device),
-            host: (cos, sin),
+            inverse: Arc::new((cos.clone(), sin.iter().map(|s| -s).collect())),
+            cos_sin: (cos, sin),
             rotate_half: Tensor::from_data(TensorData::new(r, [dim, dim]), device),
         }
     }
 
+    /// The host tables `(cos, sin)`, `[len, head_dim]` each.
+    pub fn host(&self) -> (&[f32], &[f32]) {
+        (&self.cos_sin.0, &self.cos_sin.1)
+    }
+
+    /// The host tables of the inverse rotation, `(cos, -sin)`.
+    pub fn inverse(&self) -> Arc<(Vec<f32>, Vec<f32>)> {
+        self.inverse.clone()
+    }
+
+    /// The device tables `cos`, `sin` (`[1, len, 1, head_dim]`) and the `rotate_half` matrix.
+    pub fn tensors(&self) -> (&Tensor<B, 4>, &Tensor<B, 4>, &Tensor<B, 2>) {
+        (&self.cos, &self.sin, &self.rotate_half)
+    }
+}
+
+impl<B: Kernels> Rotary<B> {
     /// Applies the rotation to `x` of shape `[batch, len, heads, head_dim]` (the projection's
     /// own layout, so every elementwise pass reads contiguous memory).
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        if cpu_kernels::serves::<B>() {
-            return cpu_kernels::rotary(x, &self.host.0, &self.host.1);
-        }
-        let [b, t, h, d] = x.dims();
-        // Tables at `x`'s full shape: products of equal shapes take every backend's fast
-        // path, forwards and backwards (a broadcast product walks strides and its backward
-        // sums over the broadcast axes).
-        let cos = self.cos.clone().repeat_dim(2, h).repeat_dim(0, b);
-        let sin = self.sin.clone().repeat_dim(2, h).repeat_dim(0, b);
-        let rotated = x
-            .clone()
-            .reshape([b * t * h, d])
-            .matmul(self.rotate_half.clone())
-            .reshape([b, t, h, d]);
-        x * cos + rotated * sin
+        B::rotary(x, self)
     }
 }
 

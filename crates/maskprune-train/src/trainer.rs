@@ -2,19 +2,18 @@
 //! the distillation loss and its gradients, then the host-side minimax and Adam updates.
 //! Writes the run directory (see [`files`]) and resumes from its checkpoint.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Instant;
 
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::Tensor;
 use maskprune_data::{CalibrationSet, SplitMix64};
 use maskprune_eval::perplexity::token_tensor;
-use maskprune_mask::{distillation_kl, next_token_loss, UnitMasks};
+use maskprune_mask::{next_token_targets, UnitMasks};
 use maskprune_model::output::{write_dir_atomically, write_file_atomically};
-use maskprune_model::{weights_sha256, LayerMask, Llama, WeightStore};
+use maskprune_model::{weights_sha256, HeadTerms, LayerMask, Llama, TrainKernels, WeightStore};
 use maskprune_surgery::{magnitude_scores, Granularity, PrunePlan, Widths};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -148,16 +147,19 @@ fn err(path: &Path, m: impl std::fmt::Display) -> String {
 }
 
 /// What every part of a run shares.
-struct Context<'a, B: AutodiffBackend> {
+struct Context<'a, B: TrainKernels> {
     model: &'a Llama<B>,
     spec: &'a RunSpec<'a>,
     budget: Budget,
     train_idx: Vec<usize>,
+    /// The training windows in the first epoch's order: the teacher runs over consecutive
+    /// batches of it (see [`Context::teacher_hidden`]).
+    first_epoch: Vec<usize>,
     eval_idx: Vec<usize>,
     source_sha: String,
     /// The dense teacher's final hidden states `[len, hidden]` by calibration window: the
     /// teacher never changes, so each update needs only the LM head on them.
-    teacher_hidden: RefCell<HashMap<usize, Tensor<B, 2>>>,
+    teacher_hidden: Mutex<HashMap<usize, Tensor<B, 2>>>,
     /// The model's weights outside autodiff, for the teacher.
     teacher: Llama<B::InnerBackend>,
 }
@@ -180,7 +182,7 @@ struct Gradients {
 
 /// Trains masks, widths and adapters and writes the run directory; `on_step` sees every
 /// update (progress bars).
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: TrainKernels>(
     model: &Llama<B>,
     spec: &RunSpec,
     on_step: &mut dyn FnMut(&StepRecord),
@@ -200,10 +202,11 @@ pub fn train<B: AutodiffBackend>(
         model,
         spec,
         budget,
+        first_epoch: epoch_order(&train_idx, cfg.train.seed, 0),
         train_idx,
         eval_idx,
         source_sha: weights_sha256(&store),
-        teacher_hidden: RefCell::new(HashMap::new()),
+        teacher_hidden: Mutex::new(HashMap::new()),
         teacher: model.inner(),
     };
     let mut run = if spec.resume {
@@ -245,10 +248,10 @@ pub fn train<B: AutodiffBackend>(
             last_checkpoint = run.step;
         }
     }
-    cx.finish(&run)
+    B::run(|| cx.finish(&run))
 }
 
-impl<B: AutodiffBackend> Context<'_, B> {
+impl<B: TrainKernels> Context<'_, B> {
     fn cfg(&self) -> &TrainConfig {
         self.spec.config
     }
@@ -310,25 +313,27 @@ impl<B: AutodiffBackend> Context<'_, B> {
         })
     }
 
-    /// The dense teacher's logits `[batch, len, vocab]` for the training windows `batch`.
+    /// The dense teacher's final hidden states `[batch · len, hidden]` for the training
+    /// windows `batch`.
     ///
-    /// Final hidden states are computed once per window and kept (75 MB for SmolLM2's 256
-    /// windows of 128), in fixed chunks of the training order, so a window's values never
-    /// depend on which batch first asked for it (a resumed run matches bit for bit).
-    fn teacher_logits(&self, batch: &[usize]) -> Result<Tensor<B, 3>, String> {
-        let (model, b) = (self.model, self.cfg().train.batch);
-        let mut cache = self.teacher_hidden.borrow_mut();
+    /// They are computed once per window and kept (75 MB for SmolLM2's 256 windows of 128),
+    /// for the first epoch's batches (consecutive `batch` windows of its order): a window's
+    /// values never depend on which update first asked for it (a resumed run matches bit
+    /// for bit), and each update of the first epoch runs the teacher over its own batch.
+    fn teacher_hidden(&self, batch: &[usize]) -> Result<Tensor<B, 2>, String> {
+        let b = self.cfg().train.batch;
+        let mut cache = self.teacher_hidden.lock().expect("teacher cache");
         for &window in batch {
             if cache.contains_key(&window) {
                 continue;
             }
             let pos = self
-                .train_idx
+                .first_epoch
                 .iter()
                 .position(|&i| i == window)
                 .expect("batches hold training windows");
             let start = pos / b * b;
-            let chunk = &self.train_idx[start..(start + b).min(self.train_idx.len())];
+            let chunk = &self.first_epoch[start..(start + b).min(self.first_epoch.len())];
             let rows: Vec<&[u32]> = chunk
                 .iter()
                 .map(|&i| self.spec.calibration.samples[i].as_slice())
@@ -343,13 +348,19 @@ impl<B: AutodiffBackend> Context<'_, B> {
                 cache.insert(i, hidden.clone().narrow(0, k, 1).reshape([len, width]));
             }
         }
-        let hidden = Tensor::stack(batch.iter().map(|w| cache[w].clone()).collect(), 0);
-        Ok(model.logits(hidden))
+        Ok(Tensor::cat(
+            batch.iter().map(|w| cache[w].clone()).collect(),
+            0,
+        ))
     }
 
-    /// Teacher logits, the masked student with adapters, the loss and its gradients for the
-    /// batch of update `run.step`.
+    /// The teacher's hidden states, the masked student with adapters, the loss and its
+    /// gradients for the batch of update `run.step`, on the backend's worker pool.
     fn gradients(&self, run: &Progress) -> Result<Gradients, String> {
+        B::run(|| self.gradients_here(run))
+    }
+
+    fn gradients_here(&self, run: &Progress) -> Result<Gradients, String> {
         let (model, cfg, c) = (self.model, self.cfg(), &self.model.config);
         let device = model.device();
         let batch = batch_rows(&self.train_idx, cfg, run.step);
@@ -358,7 +369,7 @@ impl<B: AutodiffBackend> Context<'_, B> {
             .map(|&i| self.spec.calibration.samples[i].as_slice())
             .collect();
         let tokens = token_tensor::<B>(&rows, &device);
-        let teacher = self.teacher_logits(&batch)?;
+        let teacher = self.teacher_hidden(&batch)?;
         let masks = run.state.masks(&cfg.minimax);
         let unit = UnitMasks::<B>::from_values(
             c,
@@ -372,24 +383,23 @@ impl<B: AutodiffBackend> Context<'_, B> {
             run.adapters
                 .to_tensors::<B>(c.num_hidden_layers, &device, Tensor::require_grad);
         let student = model
-            .forward_with(tokens.clone(), Some(&unit.layer_masks()), Some(&lora))
+            .hidden_states(tokens, Some(&unit.layer_masks()), Some(&lora))
             .map_err(|e| e.to_string())?;
-        let distill = distillation_kl(student.clone(), teacher, cfg.train.temperature);
-        let (loss, ntp) = if cfg.train.ntp_weight > 0.0 {
-            let ntp = next_token_loss(student, tokens);
-            let value: f64 = ntp.clone().into_scalar().elem();
-            (
-                distill.clone() + ntp.mul_scalar(cfg.train.ntp_weight),
-                Some(value),
-            )
-        } else {
-            (distill.clone(), None)
-        };
-        let mut distill: f64 = distill.into_scalar().elem();
+        let targets = next_token_targets(&rows);
+        let loss = model.head_loss(
+            student,
+            HeadTerms {
+                teacher: Some((teacher, cfg.train.temperature)),
+                targets: (cfg.train.ntp_weight > 0.0)
+                    .then_some((&targets[..], cfg.train.ntp_weight)),
+            },
+        );
+        let ntp = loss.ntp;
+        let mut distill = loss.distill.expect("a teacher was given");
         if fault_nan_step() == Some(run.step + 1) {
             distill = f64::NAN;
         }
-        let grads = loss.backward();
+        let grads = loss.loss.backward();
         let host = |t: Option<Tensor<B::InnerBackend, 1>>, n: usize| -> Vec<f32> {
             t.map(|g| g.into_data().convert::<f32>().to_vec().expect("f32"))
                 .unwrap_or_else(|| vec![0.0; n])
@@ -535,15 +545,21 @@ impl<B: AutodiffBackend> Context<'_, B> {
         let held_out = |masks: Option<&[LayerMask<B>]>| -> Result<f64, String> {
             let mut total = 0.0;
             for chunk in eval_rows.chunks(cfg.train.batch) {
-                let tokens = token_tensor::<B>(chunk, &device);
-                let teacher = model.forward(tokens.clone()).map_err(|e| e.to_string())?;
-                let student = model
-                    .forward_with(tokens, masks, Some(&lora))
+                let teacher = self
+                    .teacher
+                    .hidden_states(token_tensor(chunk, &self.teacher.device()), None, None)
                     .map_err(|e| e.to_string())?;
-                let kl: f64 = distillation_kl(student, teacher, cfg.train.temperature)
-                    .into_scalar()
-                    .elem();
-                total += kl * chunk.len() as f64;
+                let [b, t, h] = teacher.dims();
+                let student = model
+                    .hidden_states(token_tensor(chunk, &device), masks, Some(&lora))
+                    .map_err(|e| e.to_string())?;
+                let teacher = Tensor::from_inner(teacher.reshape([b * t, h]));
+                let terms = HeadTerms {
+                    teacher: Some((teacher, cfg.train.temperature)),
+                    targets: None,
+                };
+                let kl = model.head_loss(student, terms).distill;
+                total += kl.expect("a teacher was given") * chunk.len() as f64;
             }
             Ok(total / eval_rows.len() as f64)
         };
@@ -624,10 +640,16 @@ impl<B: AutodiffBackend> Context<'_, B> {
                 .collect();
             let tokens = token_tensor::<B>(&rows, &device);
             let ones = UnitMasks::<B>::ones(c, cfg.budget.granularity, &device).require_grad();
-            let logits = model
-                .forward_masked(tokens.clone(), Some(&ones.layer_masks()))
-                .map_err(|e| e.to_string())?;
-            let grads = next_token_loss(logits, tokens).backward();
+            let targets = next_token_targets(&rows);
+            let grads = B::run(|| {
+                let hidden = model.hidden_states(tokens, Some(&ones.layer_masks()), None)?;
+                let terms = HeadTerms {
+                    teacher: None,
+                    targets: Some((&targets[..], 1.0)),
+                };
+                Ok::<_, maskprune_model::ModelError>(model.head_loss(hidden, terms).loss.backward())
+            })
+            .map_err(|e| e.to_string())?;
             for (t, masks) in [&ones.attention, &ones.channels].into_iter().enumerate() {
                 for (l, m) in masks.iter().enumerate() {
                     if let Some(g) = m.grad(&grads) {
