@@ -5,11 +5,11 @@
 Teacher: the dense model, no grad. Student: the same frozen weights with straight-through
 binary masks (forward 1[m != 0], backward identity) on each KV group's query heads (before
 o_proj) and on each MLP channel (before down_proj), and LoRA rank 8 (alpha 16) on q_proj and
-v_proj. Loss: KL(teacher || student) at temperature 2 (as `maskprune bench`), mean over
-positions, times T^2. Backward reaches the masks and the adapters only.
+v_proj. Loss: KL(teacher || student) at --temperature (1, as the configs and `maskprune bench
+--train-step`), mean over positions, times T^2. Backward reaches the masks and the adapters only.
 
 Usage: V/bin/python scripts/bench_train_torch.py --model DIR [--shapes 4x128] [--warmup 1]
-       [--repeats 3] [--threads N] [--json OUT]
+       [--repeats 3] [--threads N] [--temperature 1] [--json OUT]
 """
 import argparse
 import json
@@ -45,6 +45,7 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--json")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -92,7 +93,7 @@ def main():
                 teacher = model(ids, use_cache=False).logits
             enabled["on"] = True
             student = model(ids, use_cache=False).logits
-            temp = 2.0
+            temp = a.temperature
             kl = F.kl_div(
                 F.log_softmax(student / temp, -1).reshape(b * t, -1),
                 F.log_softmax(teacher / temp, -1).reshape(b * t, -1),
