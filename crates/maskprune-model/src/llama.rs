@@ -224,7 +224,7 @@ impl<B: Kernels> Attention<B> {
         let (q, k, v) = self.project(x, rotary, adapter);
         let out = B::causal_attention(q, k, v);
         let out = match head_mask {
-            Some(m) => out * m.clone().reshape([1, 1, h, 1]),
+            Some(m) => B::scale_groups(out, m.clone(), d),
             None => out,
         };
         let out = out.reshape([b, t, h * d]);
@@ -379,7 +379,7 @@ impl<B: Kernels> Mlp<B> {
             self.gated(x, lora)
         };
         let act = match channel_mask {
-            Some(m) => act * m.clone().unsqueeze::<3>(),
+            Some(m) => B::scale_groups(act, m.clone(), 1),
             None => act,
         };
         if let Some(f) = observe {

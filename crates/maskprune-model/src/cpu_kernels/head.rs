@@ -39,25 +39,29 @@ pub fn target_logprobs(hidden: &[f32], head: &[f32], width: usize, targets: &[u3
         "a target is outside the vocabulary"
     );
     let block = block_rows(rows, vocab);
-    let mut logits = Vec::new();
     let mut out = vec![0.0f32; rows];
-    for (first, out) in (0..rows).step_by(block).zip(out.chunks_mut(block)) {
-        let r = out.len();
-        let logits = grown(&mut logits, r * vocab);
-        matmul_into(
-            logits,
-            &hidden[first * width..][..r * width],
-            head,
-            [r, vocab, width],
-        );
-        out.par_iter_mut()
-            .zip(logits.par_chunks(vocab))
-            .zip(&targets[first..first + r])
-            .for_each(|((out, row), &target)| {
-                let (max, sum) = max_and_exp_sum(row, 1.0);
-                *out = ((row[target as usize] - max) as f64 - sum.ln()) as f32;
-            });
+    let mut buffers = BUFFERS.take();
+    {
+        let [logits, _, _] = &mut buffers;
+        for (first, out) in (0..rows).step_by(block).zip(out.chunks_mut(block)) {
+            let r = out.len();
+            let logits = grown(logits, r * vocab);
+            matmul_into(
+                logits,
+                &hidden[first * width..][..r * width],
+                head,
+                [r, vocab, width],
+            );
+            out.par_iter_mut()
+                .zip(logits.par_chunks(vocab))
+                .zip(&targets[first..first + r])
+                .for_each(|((out, row), &target)| {
+                    let (max, sum) = max_and_exp_sum(row, 1.0);
+                    *out = ((row[target as usize] - max) as f64 - sum.ln()) as f32;
+                });
+        }
     }
+    BUFFERS.set(buffers);
     out
 }
 
@@ -123,58 +127,62 @@ pub fn head_loss(
         .zip(counted)
         .map(|((_, w), n)| (w as f64 / n.max(1) as f64, 1.0 / n.max(1) as f64));
     let block = block_rows(rows, vocab);
-    let (mut student_logits, mut teacher_logits, mut plain) = (Vec::new(), Vec::new(), Vec::new());
     let mut grad = with_grad.then(|| vec![0.0f32; rows * width]);
     let mut per_row = vec![(0.0f64, 0.0f64); rows];
-    for first in (0..rows).step_by(block) {
-        let r = block.min(rows - first);
-        let s_logits = grown(&mut student_logits, r * vocab);
-        let at = first * width..(first + r) * width;
-        matmul_into(s_logits, &student[at.clone()], head, [r, vocab, width]);
-        let t_logits = match terms.teacher {
-            Some((teacher, _)) => {
-                let t_logits = grown(&mut teacher_logits, r * vocab);
-                matmul_into(t_logits, &teacher[at.clone()], head, [r, vocab, width]);
-                Some(&*t_logits)
+    let mut buffers = BUFFERS.take();
+    {
+        let [student_logits, teacher_logits, plain] = &mut buffers;
+        for first in (0..rows).step_by(block) {
+            let r = block.min(rows - first);
+            let s_logits = grown(student_logits, r * vocab);
+            let at = first * width..(first + r) * width;
+            matmul_into(s_logits, &student[at.clone()], head, [r, vocab, width]);
+            let t_logits = match terms.teacher {
+                Some((teacher, _)) => {
+                    let t_logits = grown(teacher_logits, r * vocab);
+                    matmul_into(t_logits, &teacher[at.clone()], head, [r, vocab, width]);
+                    Some(&*t_logits)
+                }
+                None => None,
+            };
+            // The next-token term needs the softmax at temperature 1 beside the KL's at T.
+            let plain_softmax = match (terms.teacher, terms.targets) {
+                (Some((_, t)), Some(_)) if t != 1.0 => Some(grown(plain, r * vocab)),
+                _ => None,
+            };
+            let rows_out = &mut per_row[first..first + r];
+            let targets = terms.targets.map(|(t, _)| &t[first..first + r]);
+            let work = RowWork {
+                vocab,
+                temperature: terms.teacher.map_or(1.0, |(_, t)| t),
+                kl_scale,
+                ntp_scale,
+            };
+            match plain_softmax {
+                Some(plain) => s_logits
+                    .par_chunks_mut(vocab)
+                    .zip(plain.par_chunks_mut(vocab))
+                    .enumerate()
+                    .zip(rows_out.par_iter_mut())
+                    .for_each(|((i, (s, p)), out)| {
+                        let t = t_logits.map(|t| &t[i * vocab..][..vocab]);
+                        *out = work.row(s, t, Some(p), targets.and_then(|x| x[i]));
+                    }),
+                None => s_logits
+                    .par_chunks_mut(vocab)
+                    .enumerate()
+                    .zip(rows_out.par_iter_mut())
+                    .for_each(|((i, s), out)| {
+                        let t = t_logits.map(|t| &t[i * vocab..][..vocab]);
+                        *out = work.row(s, t, None, targets.and_then(|x| x[i]));
+                    }),
             }
-            None => None,
-        };
-        // The next-token term needs the softmax at temperature 1 beside the KL's at T.
-        let plain_softmax = match (terms.teacher, terms.targets) {
-            (Some((_, t)), Some(_)) if t != 1.0 => Some(grown(&mut plain, r * vocab)),
-            _ => None,
-        };
-        let rows_out = &mut per_row[first..first + r];
-        let targets = terms.targets.map(|(t, _)| &t[first..first + r]);
-        let work = RowWork {
-            vocab,
-            temperature: terms.teacher.map_or(1.0, |(_, t)| t),
-            kl_scale,
-            ntp_scale,
-        };
-        match plain_softmax {
-            Some(plain) => s_logits
-                .par_chunks_mut(vocab)
-                .zip(plain.par_chunks_mut(vocab))
-                .enumerate()
-                .zip(rows_out.par_iter_mut())
-                .for_each(|((i, (s, p)), out)| {
-                    let t = t_logits.map(|t| &t[i * vocab..][..vocab]);
-                    *out = work.row(s, t, Some(p), targets.and_then(|x| x[i]));
-                }),
-            None => s_logits
-                .par_chunks_mut(vocab)
-                .enumerate()
-                .zip(rows_out.par_iter_mut())
-                .for_each(|((i, s), out)| {
-                    let t = t_logits.map(|t| &t[i * vocab..][..vocab]);
-                    *out = work.row(s, t, None, targets.and_then(|x| x[i]));
-                }),
-        }
-        if let Some(grad) = &mut grad {
-            matmul_transposed_into(&mut grad[at], s_logits, head, [r, vocab, width]);
+            if let Some(grad) = &mut grad {
+                matmul_transposed_into(&mut grad[at], s_logits, head, [r, vocab, width]);
+            }
         }
     }
+    BUFFERS.set(buffers);
     let (kl, ce) = per_row
         .iter()
         .fold((0.0, 0.0), |(a, b), &(k, c)| (a + k, b + c));
@@ -183,6 +191,16 @@ pub fn head_loss(
         ntp: ntp_scale.map(|(_, mean)| ce * mean),
         grad,
     }
+}
+
+std::thread_local! {
+    /// The blocks' logits (student, teacher, and the next-token softmax beside a tempered
+    /// KL), kept between calls: at ~32 MB each, fresh ones cost the kernel's zero-fill of
+    /// their pages every update. A call takes them out for its duration (no borrow is held
+    /// across its parallel passes, where this thread may run another task's call, which
+    /// then gets buffers of its own) and puts them back.
+    static BUFFERS: std::cell::Cell<[Vec<f32>; 3]> =
+        const { std::cell::Cell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
 /// `buffer[..len]`, grown when needed (its values are overwritten by the users).

@@ -119,6 +119,88 @@ multiversion! {
     }
 }
 
+/// `x` viewed as rows of `m.len()` runs of `group` values, each run scaled by its `m[i]`:
+/// the per-head (`group = head_dim`) or per-channel (`group = 1`) masks.
+pub fn scale_groups(x: &[f32], m: &[f32], group: usize) -> Vec<f32> {
+    let width = m.len() * group;
+    assert!(
+        width > 0 && x.len().is_multiple_of(width),
+        "scale_groups shapes"
+    );
+    let mut out = vec![0.0f32; x.len()];
+    let rows = (CHUNK / width).max(1);
+    out.par_chunks_mut(rows * width)
+        .zip(x.par_chunks(rows * width))
+        .for_each(|(out, x)| scale_runs(out, x, m, group));
+    out
+}
+
+/// The gradient of [`scale_groups`] for `m`: `Σ dy·x` over each run, summed over the rows —
+/// in fixed blocks of rows whose partial sums are added in order, so the result does not
+/// depend on the threads' scheduling (resumed runs match bit for bit).
+pub fn scale_groups_gradient(x: &[f32], dy: &[f32], n: usize, group: usize) -> Vec<f32> {
+    let width = n * group;
+    assert!(
+        width > 0 && x.len().is_multiple_of(width) && dy.len() == x.len(),
+        "scale_groups shapes"
+    );
+    let rows = (CHUNK / width).max(1);
+    let partials: Vec<Vec<f64>> = x
+        .par_chunks(rows * width)
+        .zip(dy.par_chunks(rows * width))
+        .map(|(x, dy)| {
+            let mut acc = vec![0.0f64; n];
+            run_sums(&mut acc, x, dy, group);
+            acc
+        })
+        .collect();
+    let mut total = vec![0.0f64; n];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total.into_iter().map(|v| v as f32).collect()
+}
+
+multiversion! {
+    /// Rows of [`scale_groups`] (runs of one value: an elementwise product with `m`).
+    fn scale_runs(out: &mut [f32], x: &[f32], m: &[f32], group: usize) {
+        let width = m.len() * group;
+        for (o, x) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+            if group == 1 {
+                for ((o, &x), &s) in o.iter_mut().zip(x).zip(m) {
+                    *o = x * s;
+                }
+                continue;
+            }
+            for ((o, x), &s) in o.chunks_exact_mut(group).zip(x.chunks_exact(group)).zip(m) {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = x * s;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `acc[i] += Σ x·dy` over run `i` of every row of a block (in f64).
+    fn run_sums(acc: &mut [f64], x: &[f32], dy: &[f32], group: usize) {
+        let width = acc.len() * group;
+        for (x, dy) in x.chunks_exact(width).zip(dy.chunks_exact(width)) {
+            if group == 1 {
+                for ((a, &x), &dy) in acc.iter_mut().zip(x).zip(dy) {
+                    *a += x as f64 * dy as f64;
+                }
+                continue;
+            }
+            for ((a, x), dy) in acc.iter_mut().zip(x.chunks_exact(group)).zip(dy.chunks_exact(group)) {
+                *a += x.iter().zip(dy).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+            }
+        }
+    }
+}
+
 /// `silu(gate) * up` elementwise (SwiGLU's product), `silu(g) = g / (1 + e^-g)`.
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(gate.len(), up.len(), "gate and up differ in size");
@@ -221,6 +303,25 @@ mod tests {
         let numeric = numeric_gradient(&x, &dy, |x| rotary(x, &cos, &sin, shape));
         let got = rotary(&dy, &cos, &neg_sin, shape);
         assert!(max_abs_diff(&got, &numeric) < 1e-3);
+    }
+
+    #[test]
+    fn scale_groups_and_its_gradients() {
+        // 3 rows of 4 heads of 5 values.
+        let (n, group) = (4, 5);
+        let x = pseudo_random(3 * n * group, 9);
+        let m = [1.0, 0.0, 0.5, -2.0];
+        let y = scale_groups(&x, &m, group);
+        for (i, (y, x)) in y.iter().zip(&x).enumerate() {
+            assert_eq!(*y, x * m[i / group % n]);
+        }
+        let dy = pseudo_random(x.len(), 10);
+        let numeric = numeric_gradient(&m, &dy, |m| scale_groups(&x, m, group));
+        let got = scale_groups_gradient(&x, &dy, n, group);
+        assert!(
+            max_abs_diff(&got, &numeric) < 1e-3,
+            "{got:?} vs {numeric:?}"
+        );
     }
 
     #[test]

@@ -30,6 +30,18 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
     silu(gate) * up
 }
 
+/// `x` with each run of `group` values of its last dimension scaled by `m[i]`.
+pub fn scale_groups<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    m: Tensor<B, 1>,
+    group: usize,
+) -> Tensor<B, D> {
+    let shape = x.dims();
+    let n = m.dims()[0];
+    let rows = shape.iter().product::<usize>() / (n * group);
+    (x.reshape([rows, n, group]) * m.reshape([1, n, 1])).reshape(shape)
+}
+
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * weight`.
 pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
     // A true division: burn-ndarray's SIMD `recip` is an approximation (~1e-4 relative),

@@ -117,6 +117,16 @@ impl Kernels for Flex {
         new_tensor(pointwise::swiglu(g.slice(), u.slice()), shape)
     }
 
+    fn scale_groups<const D: usize>(
+        x: Tensor<Flex, D>,
+        m: Tensor<Flex, 1>,
+        group: usize,
+    ) -> Tensor<Flex, D> {
+        let shape = x.dims();
+        let (x, m) = (Values::of(x), Values::of(m));
+        new_tensor(pointwise::scale_groups(x.slice(), m.slice(), group), shape)
+    }
+
     fn rms_norm(x: Tensor<Flex, 3>, weight: &Tensor<Flex, 1>, eps: f64) -> Tensor<Flex, 3> {
         let shape = x.dims();
         let (x, w) = (Values::of(x), Values::of(weight.clone()));

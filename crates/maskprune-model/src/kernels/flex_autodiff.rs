@@ -122,6 +122,33 @@ impl Backward<Flex, 2> for SwigluBackward {
     }
 }
 
+/// Runs of `group` values scaled by a mask: `dx = g·m` (the same scaling), `dm` the runs'
+/// sums of `g·x`.
+#[derive(Debug)]
+struct ScaleGroupsBackward;
+
+impl Backward<Flex, 2> for ScaleGroupsBackward {
+    /// The input, the mask, the run length.
+    type State = (FlexTensor, FlexTensor, usize);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, m, group) = ops.state;
+        let shape = x.layout().shape().clone();
+        let g = Values::new(grads.consume::<Flex>(&ops.node));
+        let (x, m) = (Values::new(x), Values::new(m));
+        let [x_node, m_node] = ops.parents;
+        if let Some(n) = x_node {
+            let dx = pointwise::scale_groups(g.slice(), m.slice(), group);
+            grads.register::<Flex>(n.id, gradient(dx, shape));
+        }
+        if let Some(n) = m_node {
+            let len = m.slice().len();
+            let dm = pointwise::scale_groups_gradient(x.slice(), g.slice(), len, group);
+            grads.register::<Flex>(n.id, gradient(dm, [len].into()));
+        }
+    }
+}
+
 /// RMSNorm with a frozen weight.
 #[derive(Debug)]
 struct RmsNormBackward;
@@ -288,6 +315,30 @@ impl Kernels for Ad {
                     prep.finish(state, out(gate.primitive, up.primitive))
                 }
                 OpsKind::UnTracked(prep) => prep.finish(out(gate.primitive, up.primitive)),
+            },
+        )
+    }
+
+    fn scale_groups<const D: usize>(
+        x: Tensor<Ad, D>,
+        m: Tensor<Ad, 1>,
+        group: usize,
+    ) -> Tensor<Ad, D> {
+        let (x, m) = (node(x), node(m));
+        let out = |x: FlexTensor, m: FlexTensor| {
+            primitive(Flex::scale_groups(wrap::<D>(x), wrap(m), group))
+        };
+        ad(
+            match ScaleGroupsBackward
+                .prepare::<NoCheckpointing>([x.node.clone(), m.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    let state = (x.primitive.clone(), m.primitive.clone(), group);
+                    prep.finish(state, out(x.primitive, m.primitive))
+                }
+                OpsKind::UnTracked(prep) => prep.finish(out(x.primitive, m.primitive)),
             },
         )
     }

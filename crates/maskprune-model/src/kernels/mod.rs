@@ -84,6 +84,16 @@ pub trait Kernels: Backend {
         composed::swiglu(gate, up)
     }
 
+    /// `x` with each run of `group` values of its last dimension (`m.len() · group` wide)
+    /// scaled by `m[i]`: a query head's `head_dim` outputs, or one MLP channel (`group = 1`).
+    fn scale_groups<const D: usize>(
+        x: Tensor<Self, D>,
+        m: Tensor<Self, 1>,
+        group: usize,
+    ) -> Tensor<Self, D> {
+        composed::scale_groups(x, m, group)
+    }
+
     /// RMSNorm over the last dimension, computed in f32 like transformers' `LlamaRMSNorm`
     /// (the weight frozen).
     fn rms_norm(x: Tensor<Self, 3>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
