@@ -23,10 +23,13 @@
 #
 #   scripts/bench-vs-torch.sh                       # SmolLM2 (fetched), results/bench-vs-torch.json
 #   MODEL=DIR PYTHON=V/bin/python BEFORE_BIN=old/maskprune OUT=b.json scripts/bench-vs-torch.sh
+# MASKPRUNE_BIN=path measures that binary instead of building one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --quiet --release -p maskprune-cli
-BIN="${CARGO_TARGET_DIR:-target}/release/maskprune"
+if [ -z "${MASKPRUNE_BIN:-}" ]; then
+  cargo build --quiet --release -p maskprune-cli
+fi
+BIN="${MASKPRUNE_BIN:-${CARGO_TARGET_DIR:-target}/release/maskprune}"
 MODEL="${MODEL:-$(MASKPRUNE_BIN="$BIN" scripts/fetch-smollm2.sh | tail -n 1)}"
 REPEATS="${REPEATS:-5}"
 WARMUP="${WARMUP:-2}"

@@ -27,10 +27,11 @@ pub fn random_calibration(samples: usize, seq_len: usize) -> CalibrationSet {
         samples: (0..samples)
             .map(|_| (0..seq_len).map(|_| rng.below(288) as u32).collect())
             .collect(),
+        packed: false,
     }
 }
 
-fn config(granularity: &str, init: &str) -> TrainConfig {
+fn config(granularity: &str, init: &str, extra: &[&str]) -> TrainConfig {
     TrainConfig::parse(
         &format!(
             "[budget]\nsparsity = 0.5\ngranularity = \"{granularity}\"\nround_to = 16\n\
@@ -38,16 +39,21 @@ fn config(granularity: &str, init: &str) -> TrainConfig {
              mask_init = \"{init}\"\ninit_batches = 2\n\
              [lora]\ntargets = [\"q_proj\", \"v_proj\", \"down_proj\"]\n"
         ),
-        &[],
+        &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
     )
     .unwrap()
 }
 
 fn check(granularity: &str, init: &str) {
+    check_with(granularity, init, &[]);
+}
+
+/// Trains with `extra` overrides; returns the log's records.
+fn check_with(granularity: &str, init: &str, extra: &[&str]) -> Vec<serde_json::Value> {
     let src = fixtures().join("tiny-llama");
-    let cfg = config(granularity, init);
+    let cfg = config(granularity, init, extra);
     let calib = random_calibration(24, 16);
-    let run = scratch(&format!("train-{granularity}")).join("run");
+    let run = scratch(&format!("train-{granularity}-{init}-{}", extra.len())).join("run");
     std::fs::create_dir_all(&run).unwrap();
     let model = Llama::<AD>::load(&src, &Default::default()).unwrap();
     let mut seen = 0;
@@ -127,6 +133,30 @@ fn check(granularity: &str, init: &str) {
         max_abs_diff(&got, &without_lora) > 1e-3,
         "merging the adapters changed nothing"
     );
+    log.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn activation_aware_initialisations_and_layer_distillation_train() {
+    for init in ["flap", "wanda_sp"] {
+        let log = check_with("kv_group", init, &[]);
+        assert!(log.iter().all(|r| r.get("hidden").is_none()));
+    }
+    let log = check_with("kv_group", "fisher", &["train.hidden_distill_weight=0.5"]);
+    let hidden: Vec<f64> = log.iter().map(|r| r["hidden"].as_f64().unwrap()).collect();
+    assert!(
+        hidden.iter().all(|h| h.is_finite() && *h >= 0.0),
+        "{hidden:?}"
+    );
+    // The term is in the objective: the Lagrangian counts it.
+    let r = &log[0];
+    let parts = r["distill"].as_f64().unwrap()
+        + 0.5 * r["hidden"].as_f64().unwrap()
+        + r["uniformity_term"].as_f64().unwrap()
+        + r["budget_term"].as_f64().unwrap();
+    assert!((r["lagrangian"].as_f64().unwrap() - parts).abs() < 1e-9);
 }
 
 #[test]

@@ -182,6 +182,7 @@ pub fn activation_scores<B: Kernels>(
             let i = match site {
                 Site::OProjInput => 0,
                 Site::DownProjInput => 1,
+                Site::LayerOutput => return,
             };
             stats[layer][i].add(x);
         })?;

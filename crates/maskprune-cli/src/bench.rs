@@ -342,6 +342,7 @@ impl AutodiffJob for TrainStepJob {
                 seq_len: len,
                 tokenizer_sha256: String::new(),
                 samples: random_rows(updates * batch + eval, len, c.vocab_size as u64),
+                packed: false,
             };
             let run_dir = std::env::temp_dir().join(format!(
                 "maskprune-bench-train-{}-{batch}x{len}",

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use maskprune_data::{load_rows, resolve_dataset, sample_windows, CalibrationSet, DataError, Role};
+use maskprune_data::{
+    load_rows, pack_windows, resolve_dataset, sample_windows, CalibrationSet, DataError, Role,
+};
 use maskprune_model::{load_tokenizer, output::write_file_atomically, ModelConfig};
 
 use crate::eval_ppl::file_sha256;
@@ -20,9 +22,13 @@ pub struct Args {
     /// first 1,100 documents are left to C4 perplexity).
     #[arg(long, default_value = "c4")]
     dataset: String,
-    /// Number of windows.
+    /// Number of windows (with --packed, 0 takes them all).
     #[arg(long, default_value_t = 128)]
     samples: usize,
+    /// Cut the calibration documents' concatenation into consecutive windows (every token
+    /// once, in a seeded order) instead of drawing random windows of long documents.
+    #[arg(long)]
+    packed: bool,
     /// Tokens per window.
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
@@ -40,16 +46,20 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let set = build(
         &a.model,
-        &a.dataset,
-        a.samples,
-        a.seq_len,
-        a.seed,
+        &Draw {
+            dataset: &a.dataset,
+            samples: a.samples,
+            seq_len: a.seq_len,
+            seed: a.seed,
+            packed: a.packed,
+        },
         a.data_dir.as_deref(),
     )?;
     write_file_atomically(&a.out, &serde_json::to_vec(&set)?)?;
     println!(
-        "calibration set: {} windows of {} tokens from `{}` documents {}..{} (seed {}) -> {}",
-        a.samples,
+        "calibration set: {} {}windows of {} tokens from `{}` documents {}..{} (seed {}) -> {}",
+        set.samples.len(),
+        if set.packed { "packed " } else { "" },
         a.seq_len,
         set.dataset,
         set.documents.0,
@@ -60,18 +70,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Draws a calibration set: `samples` windows of `seq_len` tokens from a dataset of role
-/// `calibration`, skipping the rows its evaluation protocol uses.
-pub fn build(
-    model: &Path,
-    dataset: &str,
-    samples: usize,
-    seq_len: usize,
-    seed: u64,
-    data_dir: Option<&Path>,
-) -> anyhow::Result<CalibrationSet> {
+/// How a calibration set is drawn.
+pub struct Draw<'a> {
+    /// A dataset manifest of role `calibration`.
+    pub dataset: &'a str,
+    /// Windows (packed: at most this many, 0 for all).
+    pub samples: usize,
+    /// Tokens per window.
+    pub seq_len: usize,
+    /// Seed of the draw (or of the packed windows' order).
+    pub seed: u64,
+    /// Consecutive windows of the documents' concatenation instead of random ones.
+    pub packed: bool,
+}
+
+/// Draws a calibration set from a dataset of role `calibration`, skipping the rows its
+/// evaluation protocol uses.
+pub fn build(model: &Path, d: &Draw, data_dir: Option<&Path>) -> anyhow::Result<CalibrationSet> {
+    let (dataset, samples, seq_len, seed) = (d.dataset, d.samples, d.seq_len, d.seed);
     anyhow::ensure!(
-        samples > 0 && seq_len > 1,
+        (samples > 0 || d.packed) && seq_len > 1,
         "calibration needs a positive number of samples and a seq-len of at least 2"
     );
     let config = ModelConfig::from_file(&model.join("config.json"))?;
@@ -94,11 +112,14 @@ pub fn build(
         file.display()
     );
     progress::info(format!(
-        "calib: drawing {samples} windows of {seq_len} tokens from {}",
+        "calib: {} windows of {seq_len} tokens from {}",
+        if d.packed { "packing" } else { "drawing" },
         file.display()
     ));
-    // One document is drawn and encoded per window (a few more when documents are short).
-    let bar = progress::bar("calib", samples as u64, "documents");
+    // Sampling encodes one document per window (a few more when documents are short);
+    // packing encodes each document once.
+    let documents = if d.packed { docs.len() } else { samples };
+    let bar = progress::bar("calib", documents as u64, "documents");
     let encode = |text: &str| -> Result<Vec<u32>, DataError> {
         bar.inc(1);
         let enc = tokenizer
@@ -106,8 +127,14 @@ pub fn build(
             .map_err(|e| DataError(format!("{}: tokenization failed: {e}", file.display())))?;
         Ok(enc.get_ids().to_vec())
     };
-    let windows = sample_windows(docs, &|t| encode(t), samples, seq_len, seed)
-        .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.0))?;
+    let windows = if d.packed {
+        let n = (samples > 0).then_some(samples);
+        let separator = config.eos_token_ids.first().copied();
+        pack_windows(docs, &|t| encode(t), n, seq_len, separator, seed)
+    } else {
+        sample_windows(docs, &|t| encode(t), samples, seq_len, seed)
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.0))?;
     bar.finish_and_clear();
     Ok(CalibrationSet {
         dataset: manifest.name.clone(),
@@ -118,6 +145,7 @@ pub fn build(
         seq_len,
         tokenizer_sha256: file_sha256(&model.join("tokenizer.json"))?,
         samples: windows,
+        packed: d.packed,
     })
 }
 

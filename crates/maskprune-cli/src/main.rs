@@ -7,6 +7,7 @@ mod calib;
 mod datasets;
 mod eval_ppl;
 mod eval_zeroshot;
+mod finetune;
 mod import;
 mod inspect;
 mod progress;
@@ -72,6 +73,9 @@ enum Command {
     Surgery(prune_stages::SurgeryArgs),
     /// Every stage at once: calibration, mask training (or a one-shot baseline), surgery.
     Prune(train::PruneArgs),
+    /// Recovery fine-tuning of a pruned model: LoRA (next-token loss, distillation from the
+    /// dense model with --teacher), merged into a standard checkpoint.
+    Finetune(finetune::Args),
     /// Collect finished result rows into table.json, table.csv and table.md.
     Table(table::Args),
     /// Plot a mask-training run: RUN/report/ with SVG and PNG figures, report.md, report.html.
@@ -130,6 +134,7 @@ fn main() -> ExitCode {
         Command::Surgery(a) => prune_stages::surgery(a),
         Command::TrainMasks(a) => train::train_masks(a),
         Command::Prune(a) => train::prune(a),
+        Command::Finetune(a) => finetune::run(a),
         Command::Table(a) => table::run(a),
         Command::Report(a) => report::run(a),
     };

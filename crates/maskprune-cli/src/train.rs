@@ -238,14 +238,14 @@ fn prepare_run(
         Some(p) => calib::read(p)?,
         None => {
             let c = &config.calibration;
-            calib::build(
-                &o.model,
-                &c.dataset,
-                c.samples,
-                c.seq_len,
-                c.seed,
-                o.data_dir.as_deref(),
-            )?
+            let draw = calib::Draw {
+                dataset: &c.dataset,
+                samples: c.samples,
+                seq_len: c.seq_len,
+                seed: c.seed,
+                packed: c.packed,
+            };
+            calib::build(&o.model, &draw, o.data_dir.as_deref())?
         }
     };
     let vocab = maskprune_model::ModelConfig::from_file(&o.model.join("config.json"))?.vocab_size;

@@ -44,6 +44,10 @@ pub struct CalibrationSet {
     pub tokenizer_sha256: String,
     /// The token windows, `samples x seq_len`.
     pub samples: Vec<Vec<u32>>,
+    /// Whether the windows cut the documents' concatenation ([`pack_windows`]) instead of
+    /// being drawn at random ([`sample_windows`]).
+    #[serde(default)]
+    pub packed: bool,
 }
 
 /// Draws `n` windows of `seq_len` tokens: each from a random document among `docs` whose
@@ -79,6 +83,47 @@ pub fn sample_windows(
     Ok(out)
 }
 
+/// Every token of `docs` at most once: their encodings concatenated, each document followed
+/// by `separator` when given (the end-of-text token), cut into consecutive windows of
+/// `seq_len` tokens (the tail dropped), in a seeded order; the first `n` of them, or all with
+/// `n = None`. Uses the whole corpus where [`sample_windows`] draws overlapping windows of
+/// the long documents only.
+pub fn pack_windows(
+    docs: &[String],
+    encode: &dyn Fn(&str) -> Result<Vec<u32>>,
+    n: Option<usize>,
+    seq_len: usize,
+    separator: Option<u32>,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    if docs.is_empty() {
+        return Err(DataError("calibration data is empty".into()));
+    }
+    let mut stream = Vec::new();
+    let mut out = Vec::new();
+    for doc in docs {
+        stream.extend(encode(doc)?);
+        stream.extend(separator);
+        while stream.len() >= seq_len {
+            out.push(stream[..seq_len].to_vec());
+            stream.drain(..seq_len);
+        }
+    }
+    let wanted = n.unwrap_or(out.len());
+    if out.len() < wanted.max(1) {
+        return Err(DataError(format!(
+            "calibration data is too short: {} windows of {seq_len} tokens in all, {wanted} asked for",
+            out.len()
+        )));
+    }
+    let mut rng = SplitMix64(seed);
+    for j in (1..out.len()).rev() {
+        out.swap(j, rng.below(j + 1));
+    }
+    out.truncate(wanted);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +149,26 @@ mod tests {
                 "{w:?} is not a contiguous window"
             );
         }
+    }
+
+    #[test]
+    fn packed_windows_cover_the_stream_once() {
+        let docs: Vec<String> = vec!["a bb ccc".into(), "dddd".into(), "ee f".into()];
+        // Stream (word lengths, 9 after each document): 1 2 3 9 4 9 2 1 9 -> 4 windows of 2.
+        let all = pack_windows(&docs, &words, None, 2, Some(9), 3).unwrap();
+        let mut sorted = all.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![vec![1, 2], vec![2, 1], vec![3, 9], vec![4, 9]]);
+        assert_eq!(
+            all,
+            pack_windows(&docs, &words, None, 2, Some(9), 3).unwrap()
+        );
+        let two = pack_windows(&docs, &words, Some(2), 2, Some(9), 3).unwrap();
+        assert_eq!(two, all[..2]);
+        let e = pack_windows(&docs, &words, Some(5), 2, Some(9), 3)
+            .unwrap_err()
+            .0;
+        assert!(e.contains("too short"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ pub mod manifest;
 pub mod text;
 pub mod windows;
 
-pub use calibration::{sample_windows, CalibrationSet, SplitMix64};
+pub use calibration::{pack_windows, sample_windows, CalibrationSet, SplitMix64};
 pub use manifest::{builtin_manifests, DatasetManifest, Format, Role};
 pub use text::{data_dir_candidates, load_dataset, load_rows, resolve_dataset, LoadedText};
 pub use windows::windows;

@@ -139,6 +139,8 @@ pub enum Site {
     OProjInput,
     /// The input of `down_proj`: `silu(gate) * up`, `[batch, len, intermediate]`.
     DownProjInput,
+    /// The layer's output (the residual stream after it), `[batch, len, hidden]`.
+    LayerOutput,
 }
 
 /// A callback shown intermediate activations of one layer.
@@ -676,12 +678,27 @@ impl<B: Kernels> Llama<B> {
                 lora.map(|l| &l[i]),
                 Some(&mut observe_layer),
             );
+            observe_layer(Site::LayerOutput, &x);
         }
         Ok(self.norm.forward(x))
     }
 
+    /// [`Llama::hidden_states`] that also shows `observe(layer, site, activation)` the inputs
+    /// of every layer's `o_proj` and `down_proj` and its output (for layer-wise
+    /// distillation: under autodiff the tensors it keeps stay in the graph).
+    pub fn hidden_states_observed(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        masks: Option<&[LayerMask<B>]>,
+        lora: Option<&[LayerLora<B>]>,
+        observe: &mut ModelObserver<'_, B>,
+    ) -> Result<Tensor<B, 3>> {
+        self.run_layers(tokens, masks, lora, Some(observe))
+    }
+
     /// Runs the dense model over `tokens` and shows `observe(layer, site, input)` the inputs
-    /// of every layer's `o_proj` and `down_proj` (`[batch, len, width]`); no logits.
+    /// of every layer's `o_proj` and `down_proj` (`[batch, len, width]`) and its output; no
+    /// logits.
     pub fn observe(
         &self,
         tokens: Tensor<B, 2, Int>,

@@ -14,7 +14,7 @@ pub mod widths;
 pub use plan::{Granularity, LayerPlan, PrunePlan, PrunedShape};
 pub use rank::{magnitude_plan, magnitude_scores, LayerScores};
 pub use surgery::{
-    apply_plan, mask_checkpoint_with_lora, prune_checkpoint, prune_checkpoint_with_lora,
-    read_lora_deltas, SurgeryReport,
+    apply_plan, mask_checkpoint_with_lora, merge_adapters, prune_checkpoint,
+    prune_checkpoint_with_lora, read_lora_deltas, SurgeryReport,
 };
 pub use widths::{decoder_linear_params, uniform_widths, Widths};

@@ -96,6 +96,20 @@ impl LayerPlan {
 }
 
 impl PrunePlan {
+    /// The plan that keeps every unit of every layer (a surgery that only merges adapters).
+    pub fn keep_all(config: &ModelConfig, method: &str) -> Self {
+        let layer = LayerPlan {
+            query_heads: (0..config.num_attention_heads).collect(),
+            kv_heads: (0..config.num_key_value_heads).collect(),
+            channels: (0..config.intermediate_size).collect(),
+        };
+        Self {
+            method: method.into(),
+            granularity: Granularity::KvGroup,
+            layers: vec![layer; config.num_hidden_layers],
+        }
+    }
+
     /// Checks the plan fits `config` and is uniform; returns the pruned architecture.
     pub fn validate(&self, config: &ModelConfig) -> Result<PrunedShape, String> {
         self.check_layer_count(config)?;

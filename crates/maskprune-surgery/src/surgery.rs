@@ -225,6 +225,68 @@ pub fn apply_plan(
     masked: bool,
     on_tensor: &mut dyn FnMut(usize, usize),
 ) -> Result<SurgeryReport> {
+    let target = Target {
+        dir: out,
+        overwrite,
+        provenance: &|p| p,
+    };
+    write_plan(src, plan, lora, masked, &target, on_tensor)
+}
+
+/// Merges LoRA adapters into a checkpoint (of any shape, pruned or not) and writes the
+/// result to `out`: the same shapes and config, the adapted weights in F32. Its
+/// `maskprune.json` is the source's (when it has one: what was pruned, from what) with the
+/// adapters added to `lora_merged` and `recovery` (what trained them) recorded.
+pub fn merge_adapters(
+    src: &Path,
+    lora: &Path,
+    out: &Path,
+    overwrite: bool,
+    recovery: Value,
+    on_tensor: &mut dyn FnMut(usize, usize),
+) -> Result<SurgeryReport> {
+    let config = ModelConfig::from_file(&src.join("config.json"))?;
+    let everything = PrunePlan::keep_all(&config, "recovery");
+    let earlier: Option<Value> = std::fs::read_to_string(src.join("maskprune.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let merged = lora.display().to_string();
+    let provenance = move |fresh: Value| -> Value {
+        let mut p = earlier.clone().unwrap_or(fresh);
+        let before = match p.get("lora_merged") {
+            Some(Value::String(s)) => vec![json!(s)],
+            Some(Value::Array(a)) => a.clone(),
+            _ => Vec::new(),
+        };
+        p["lora_merged"] = Value::Array(before.into_iter().chain([json!(merged)]).collect());
+        p["recovery"] = recovery.clone();
+        p
+    };
+    let target = Target {
+        dir: out,
+        overwrite,
+        provenance: &provenance,
+    };
+    write_plan(src, &everything, Some(lora), false, &target, on_tensor)
+}
+
+/// Where a surgery writes, and how its `maskprune.json` is made from the one it computed.
+struct Target<'a> {
+    dir: &'a Path,
+    overwrite: bool,
+    provenance: &'a dyn Fn(Value) -> Value,
+}
+
+/// The surgery of [`apply_plan`] into `target`.
+fn write_plan(
+    src: &Path,
+    plan: &PrunePlan,
+    lora: Option<&Path>,
+    masked: bool,
+    target: &Target,
+    on_tensor: &mut dyn FnMut(usize, usize),
+) -> Result<SurgeryReport> {
+    let (out, overwrite) = (target.dir, target.overwrite);
     let config_path = src.join("config.json");
     let config = ModelConfig::from_file(&config_path)?;
     let invalid = |m: String| ModelError::new(src, format!("invalid prune plan: {m}"));
@@ -365,6 +427,7 @@ pub fn apply_plan(
         "masked": masked,
         "kept": plan.layers,
     });
+    let provenance = (target.provenance)(provenance);
     write_dir_atomically(out, overwrite, |dir| {
         let views: Vec<(String, TensorView)> = tensors
             .iter()

@@ -61,6 +61,9 @@ pub struct CalibrationConfig {
     pub seq_len: usize,
     /// Random seed of the draw.
     pub seed: u64,
+    /// Consecutive windows of the documents' concatenation (every token once) instead of
+    /// random windows; `samples = 0` then takes them all.
+    pub packed: bool,
 }
 
 impl Default for CalibrationConfig {
@@ -70,6 +73,7 @@ impl Default for CalibrationConfig {
             samples: 128,
             seq_len: 128,
             seed: 0,
+            packed: false,
         }
     }
 }
@@ -85,6 +89,12 @@ pub enum MaskInit {
     /// Fisher information of each unit's mask under the next-token loss on calibration
     /// windows (root of the summed squared gradients, divided by the layer's mean).
     Fisher,
+    /// FLAP's activation-aware score on calibration windows (`Σ Var(X_j)·‖W_:,j‖²` over the
+    /// unit's output-projection columns), its square root divided by the layer's mean.
+    Flap,
+    /// Wanda-SP's score on calibration windows (`Σ |W_ij|·‖X_j‖`), divided by the layer's
+    /// mean.
+    WandaSp,
 }
 
 /// The training loop.
@@ -101,6 +111,9 @@ pub struct TrainSettings {
     pub temperature: f64,
     /// Weight of the next-token loss added to the distillation loss.
     pub ntp_weight: f64,
+    /// Weight of the layer-wise distillation term (each layer's output against the dense
+    /// model's, normalised mean squared error averaged over layers); 0 turns it off.
+    pub hidden_distill_weight: f64,
     /// Adam learning rate of the LoRA adapters.
     pub lora_lr: f64,
     /// Mask initialisation.
@@ -123,6 +136,7 @@ impl Default for TrainSettings {
             warmup_steps: 150,
             temperature: 1.0,
             ntp_weight: 0.0,
+            hidden_distill_weight: 0.0,
             lora_lr: 5e-4,
             mask_init: MaskInit::Fisher,
             init_batches: 16,
@@ -155,7 +169,43 @@ impl Default for LoraSettings {
     }
 }
 
-const LORA_TARGETS: [&str; 7] = [
+/// A TOML configuration with `section.key=value` overrides applied (values in TOML syntax;
+/// bare words are strings), deserialised.
+pub(crate) fn parse_with_overrides<T: serde::de::DeserializeOwned>(
+    text: &str,
+    overrides: &[String],
+) -> Result<T, String> {
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| e.to_string().lines().next().unwrap_or("").to_string())?;
+    for o in overrides {
+        let (key, value) = o
+            .split_once('=')
+            .ok_or_else(|| format!("override `{o}` is not section.key=value"))?;
+        let (section, field) = key
+            .trim()
+            .split_once('.')
+            .ok_or_else(|| format!("override `{o}`: the key must be section.key"))?;
+        let value = value.trim();
+        let parsed: toml::Value = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| format!("override `{o}`: `{section}` is not a section"))?
+            .insert(field.to_string(), parsed);
+    }
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| e.message().to_string())
+}
+
+/// The projections LoRA adapters can target.
+pub(crate) const LORA_TARGETS: [&str; 7] = [
     "q_proj",
     "k_proj",
     "v_proj",
@@ -169,33 +219,7 @@ impl TrainConfig {
     /// Parses TOML text, applies `key=value` overrides (`section.key`, values in TOML syntax;
     /// bare words are strings) and checks every value.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self, String> {
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| e.to_string().lines().next().unwrap_or("").to_string())?;
-        for o in overrides {
-            let (key, value) = o
-                .split_once('=')
-                .ok_or_else(|| format!("override `{o}` is not section.key=value"))?;
-            let (section, field) = key
-                .trim()
-                .split_once('.')
-                .ok_or_else(|| format!("override `{o}`: the key must be section.key"))?;
-            let value = value.trim();
-            let parsed: toml::Value = format!("v = {value}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(value.to_string()));
-            table
-                .entry(section.to_string())
-                .or_insert_with(|| toml::Value::Table(Default::default()))
-                .as_table_mut()
-                .ok_or_else(|| format!("override `{o}`: `{section}` is not a section"))?
-                .insert(field.to_string(), parsed);
-        }
-        let config: TrainConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| e.message().to_string())?;
+        let config: TrainConfig = parse_with_overrides(text, overrides)?;
         config.check()?;
         Ok(config)
     }
@@ -238,7 +262,6 @@ impl TrainConfig {
             ("train.batch", t.batch as f64),
             ("train.temperature", t.temperature),
             ("train.checkpoint_every", t.checkpoint_every as f64),
-            ("calibration.samples", self.calibration.samples as f64),
             ("minimax.mask_lr", self.minimax.mask_lr),
         ];
         for (name, v) in positive {
@@ -248,6 +271,7 @@ impl TrainConfig {
         }
         let non_negative = [
             ("train.ntp_weight", t.ntp_weight),
+            ("train.hidden_distill_weight", t.hidden_distill_weight),
             ("train.lora_lr", t.lora_lr),
             ("minimax.dual_lr", self.minimax.dual_lr),
             ("minimax.budget_lr", self.minimax.budget_lr),
@@ -265,6 +289,12 @@ impl TrainConfig {
                 "minimax.mask_momentum = {} must be in [0, 1)",
                 self.minimax.mask_momentum
             ));
+        }
+        if self.calibration.samples == 0 && !self.calibration.packed {
+            return Err(
+                "calibration.samples = 0 must be positive (0 means all windows only with packed = true)"
+                    .into(),
+            );
         }
         if self.calibration.seq_len < 2 {
             return Err("calibration.seq_len must be at least 2".into());

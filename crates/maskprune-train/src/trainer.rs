@@ -8,20 +8,26 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use burn::tensor::Tensor;
-use maskprune_data::{CalibrationSet, SplitMix64};
+use burn::tensor::{ElementConversion, Tensor};
+use maskprune_data::CalibrationSet;
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::{next_token_targets, UnitMasks};
 use maskprune_model::output::{write_dir_atomically, write_file_atomically};
-use maskprune_model::{weights_sha256, HeadTerms, LayerMask, Llama, TrainKernels, WeightStore};
+use maskprune_model::{
+    weights_sha256, HeadTerms, LayerMask, Llama, Site, TrainKernels, WeightStore,
+};
 use maskprune_surgery::{magnitude_scores, Granularity, PrunePlan, Widths};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+
+use maskprune_baselines::{activation_scores, Method};
+use maskprune_model::Kernels;
 
 use crate::adapters::Adapters;
 use crate::config::{MaskInit, TrainConfig};
 use crate::extract::{Budget, LayerCounts};
 use crate::minimax::{scheduled_target, MinimaxState, ATTENTION, CHANNELS};
+use crate::run::{batch_rows, epoch_order, err, split_calibration, truncate_log};
 
 /// File names inside a run directory.
 pub mod files {
@@ -67,6 +73,9 @@ pub struct StepRecord {
     pub distill: f64,
     /// Next-token cross-entropy of the student (weighted in the Lagrangian by `ntp_weight`).
     pub ntp: Option<f64>,
+    /// The layer-wise distillation term (weighted by `hidden_distill_weight`), when on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<f64>,
     /// `Σ_t mean_l y (kept/n − r)`.
     pub uniformity_term: f64,
     /// `μ (p(r) − p_target)`.
@@ -142,10 +151,6 @@ pub struct RunSpec<'a> {
     pub resume: bool,
 }
 
-fn err(path: &Path, m: impl std::fmt::Display) -> String {
-    format!("{}: {m}", path.display())
-}
-
 /// What every part of a run shares.
 struct Context<'a, B: TrainKernels> {
     model: &'a Llama<B>,
@@ -176,6 +181,7 @@ struct Progress {
 struct Gradients {
     distill: f64,
     ntp: Option<f64>,
+    hidden: Option<f64>,
     masks: [Vec<Vec<f32>>; 2],
     lora: Vec<Vec<f32>>,
 }
@@ -196,7 +202,8 @@ pub fn train<B: TrainKernels>(
         cfg.budget.target_params,
     )
     .map_err(|m| err(&spec.model_dir.join("config.json"), m))?;
-    let (train_idx, eval_idx) = split_calibration(spec.calibration, cfg)?;
+    let (train_idx, eval_idx) =
+        split_calibration(spec.calibration, cfg.train.batch, cfg.train.eval_samples)?;
     let store = WeightStore::open(spec.model_dir).map_err(|e| e.to_string())?;
     let cx = Context {
         model,
@@ -261,7 +268,9 @@ impl<B: TrainKernels> Context<'_, B> {
         let (c, cfg) = (&self.model.config, self.cfg());
         let init = match cfg.train.mask_init {
             MaskInit::Fisher => self.fisher_init()?,
-            _ => initial_masks(store, c, cfg, &self.budget)?,
+            MaskInit::Flap => self.activation_init(store, Method::Flap)?,
+            MaskInit::WandaSp => self.activation_init(store, Method::WandaSp)?,
+            MaskInit::Ones | MaskInit::Magnitude => initial_masks(store, c, cfg, &self.budget)?,
         };
         Ok(Progress {
             state: MinimaxState::new(init),
@@ -363,7 +372,7 @@ impl<B: TrainKernels> Context<'_, B> {
     fn gradients_here(&self, run: &Progress) -> Result<Gradients, String> {
         let (model, cfg, c) = (self.model, self.cfg(), &self.model.config);
         let device = model.device();
-        let batch = batch_rows(&self.train_idx, cfg, run.step);
+        let batch = batch_rows(&self.train_idx, cfg.train.batch, cfg.train.seed, run.step);
         let rows: Vec<&[u32]> = batch
             .iter()
             .map(|&i| self.spec.calibration.samples[i].as_slice())
@@ -382,9 +391,16 @@ impl<B: TrainKernels> Context<'_, B> {
         let (lora, lora_flat) =
             run.adapters
                 .to_tensors::<B>(c.num_hidden_layers, &device, Tensor::require_grad);
-        let student = model
-            .hidden_states(tokens, Some(&unit.layer_masks()), Some(&lora))
-            .map_err(|e| e.to_string())?;
+        let layer_masks = unit.layer_masks();
+        let (student, hidden) = if cfg.train.hidden_distill_weight > 0.0 {
+            let (student, term) = self.layer_distillation(&rows, &layer_masks, &lora)?;
+            (student, Some(term))
+        } else {
+            let student = model
+                .hidden_states(tokens, Some(&layer_masks), Some(&lora))
+                .map_err(|e| e.to_string())?;
+            (student, None)
+        };
         let targets = next_token_targets(&rows);
         let loss = model.head_loss(
             student,
@@ -399,7 +415,15 @@ impl<B: TrainKernels> Context<'_, B> {
         if fault_nan_step() == Some(run.step + 1) {
             distill = f64::NAN;
         }
-        let grads = loss.loss.backward();
+        let (total, hidden) = match hidden {
+            Some(term) => {
+                let value: f64 = term.clone().into_scalar().elem();
+                let w = cfg.train.hidden_distill_weight;
+                (loss.loss + term.mul_scalar(w), Some(value))
+            }
+            None => (loss.loss, None),
+        };
+        let grads = total.backward();
         let host = |t: Option<Tensor<B::InnerBackend, 1>>, n: usize| -> Vec<f32> {
             t.map(|g| g.into_data().convert::<f32>().to_vec().expect("f32"))
                 .unwrap_or_else(|| vec![0.0; n])
@@ -427,9 +451,55 @@ impl<B: TrainKernels> Context<'_, B> {
         Ok(Gradients {
             distill,
             ntp,
+            hidden,
             masks,
             lora,
         })
+    }
+
+    /// The student's final hidden states for `rows` and the layer-wise distillation term:
+    /// the mean over layers of `mean((s_l − t_l)²) / mean(t_l²)`, `s_l` and `t_l` the
+    /// student's and the dense teacher's outputs of layer `l` (the teacher's computed here,
+    /// every update: 35 MB per batch of SmolLM2, too much to keep per window).
+    fn layer_distillation(
+        &self,
+        rows: &[&[u32]],
+        masks: &[LayerMask<B>],
+        lora: &[maskprune_model::LayerLora<B>],
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 1>), String> {
+        let mut teacher = Vec::new();
+        self.teacher
+            .hidden_states_observed(
+                token_tensor(rows, &self.teacher.device()),
+                None,
+                None,
+                &mut layer_outputs(&mut teacher),
+            )
+            .map_err(|e| e.to_string())?;
+        let mut student = Vec::new();
+        let last = self
+            .model
+            .hidden_states_observed(
+                token_tensor(rows, &self.model.device()),
+                Some(masks),
+                Some(lora),
+                &mut layer_outputs(&mut student),
+            )
+            .map_err(|e| e.to_string())?;
+        let layers = student.len() as f64;
+        let term = student
+            .into_iter()
+            .zip(teacher)
+            .map(|(s, t)| {
+                let t = Tensor::<B, 3>::from_inner(t);
+                let scale: f64 = t.clone().square().mean().into_scalar().elem();
+                let error: Tensor<B, 1> = (s - t).square().mean();
+                error.div_scalar(scale.max(f64::MIN_POSITIVE))
+            })
+            .reduce(|a, b| a + b)
+            .expect("at least one layer")
+            .div_scalar(layers);
+        Ok((last, term))
     }
 
     /// The minimax and Adam updates; returns the log record.
@@ -460,10 +530,13 @@ impl<B: TrainKernels> Context<'_, B> {
             steps: cfg.train.steps,
             lagrangian: g.distill
                 + g.ntp.map_or(0.0, |v| v * cfg.train.ntp_weight)
+                + g.hidden
+                    .map_or(0.0, |v| v * cfg.train.hidden_distill_weight)
                 + stats.uniformity_term
                 + stats.budget_term,
             distill: g.distill,
             ntp: g.ntp,
+            hidden: g.hidden,
             uniformity_term: stats.uniformity_term,
             budget_term: stats.budget_term,
             s_attention: stats.s[ATTENTION],
@@ -624,6 +697,51 @@ impl<B: TrainKernels> Context<'_, B> {
         Ok(summary)
     }
 
+    /// Initial `z` from a one-shot method's activation-aware unit scores over `init_batches`
+    /// training batches (run by the frozen teacher): FLAP's through a square root (a
+    /// squared quantity, to the scale of the others), Wanda-SP's as they are; each layer
+    /// divided by its mean.
+    fn activation_init(
+        &self,
+        store: &WeightStore,
+        method: Method,
+    ) -> Result<[Vec<Vec<f32>>; 2], String> {
+        let cfg = self.cfg();
+        let windows: Vec<Vec<u32>> = (0..cfg.train.init_batches.max(1))
+            .flat_map(|k| batch_rows(&self.train_idx, cfg.train.batch, cfg.train.seed, k))
+            .map(|i| self.spec.calibration.samples[i].clone())
+            .collect();
+        let scores = B::InnerBackend::run(|| {
+            activation_scores(
+                method,
+                &self.teacher,
+                store,
+                &windows,
+                cfg.train.batch,
+                &mut || {},
+            )
+        })
+        .map_err(|e| e.to_string())?;
+        let shape = |x: f64| if method == Method::Flap { x.sqrt() } else { x };
+        let pick = |kind: usize| -> Vec<Vec<f64>> {
+            scores
+                .iter()
+                .map(|s| {
+                    let unit = match (kind, self.budget.granularity) {
+                        (CHANNELS, _) => &s.channels,
+                        (_, Granularity::KvGroup) => &s.kv_groups,
+                        (_, Granularity::QueryHead) => &s.query_heads,
+                    };
+                    unit.iter().map(|&x| shape(x)).collect()
+                })
+                .collect()
+        };
+        Ok([
+            normalise_layers(pick(ATTENTION)),
+            normalise_layers(pick(CHANNELS)),
+        ])
+    }
+
     /// Initial `z` from the Fisher information of the masks: `sqrt(Σ_batches (∂NTP/∂b)²)`
     /// at the dense model, over `init_batches` training batches, divided by the layer's mean.
     fn fisher_init(&self) -> Result<[Vec<Vec<f32>>; 2], String> {
@@ -633,7 +751,7 @@ impl<B: TrainKernels> Context<'_, B> {
         let mut acc: [Vec<Vec<f64>>; 2] =
             std::array::from_fn(|t| vec![vec![0.0; units[t]]; c.num_hidden_layers]);
         for k in 0..cfg.train.init_batches.max(1) {
-            let batch = batch_rows(&self.train_idx, cfg, k);
+            let batch = batch_rows(&self.train_idx, cfg.train.batch, cfg.train.seed, k);
             let rows: Vec<&[u32]> = batch
                 .iter()
                 .map(|&i| self.spec.calibration.samples[i].as_slice())
@@ -668,6 +786,17 @@ impl<B: TrainKernels> Context<'_, B> {
                     .collect(),
             )
         }))
+    }
+}
+
+/// An observer keeping every layer's output.
+fn layer_outputs<Bk: burn::tensor::backend::Backend>(
+    keep: &mut Vec<Tensor<Bk, 3>>,
+) -> impl FnMut(usize, Site, &Tensor<Bk, 3>) + '_ {
+    |_, site, x| {
+        if site == Site::LayerOutput {
+            keep.push(x.clone());
+        }
     }
 }
 
@@ -762,74 +891,4 @@ fn normalise_layers(v: Vec<Vec<f64>>) -> Vec<Vec<f32>> {
                 .collect()
         })
         .collect()
-}
-
-/// Training and held-out sample indices: the last `eval_samples` windows are held out.
-fn split_calibration(
-    calib: &CalibrationSet,
-    cfg: &TrainConfig,
-) -> Result<(Vec<usize>, Vec<usize>), String> {
-    let n = calib.samples.len();
-    let eval = cfg.train.eval_samples.max(1);
-    if n < eval + cfg.train.batch {
-        return Err(format!(
-            "{}: the calibration set has {n} windows; training needs at least batch ({}) + eval_samples ({eval})",
-            calib.file, cfg.train.batch
-        ));
-    }
-    if let Some(short) = calib
-        .samples
-        .iter()
-        .find(|s| s.len() < 2 || s.len() != calib.seq_len)
-    {
-        return Err(format!(
-            "{}: a calibration window has {} tokens, expected {}",
-            calib.file,
-            short.len(),
-            calib.seq_len
-        ));
-    }
-    Ok(((0..n - eval).collect(), (n - eval..n).collect()))
-}
-
-/// The calibration windows of update `step`: epochs of a seeded shuffle, so the order depends
-/// only on the seed and the step (resuming needs no data cursor beyond the step).
-fn batch_rows(train: &[usize], cfg: &TrainConfig, step: u64) -> Vec<usize> {
-    let b = cfg.train.batch;
-    let n = train.len();
-    let mut shuffled: Option<(usize, Vec<usize>)> = None;
-    (0..b)
-        .map(|k| {
-            let pos = step as usize * b + k;
-            let (epoch, i) = (pos / n, pos % n);
-            // A batch spans at most two epochs: shuffle once per epoch, not once per window.
-            if shuffled.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                shuffled = Some((epoch, epoch_order(train, cfg.train.seed, epoch)));
-            }
-            shuffled.as_ref().expect("just set").1[i]
-        })
-        .collect()
-}
-
-/// The training windows in the seeded order of `epoch` (Fisher-Yates).
-fn epoch_order(train: &[usize], seed: u64, epoch: usize) -> Vec<usize> {
-    let mut order = train.to_vec();
-    let mut rng = SplitMix64(seed.wrapping_add(0x5EED_0000 + epoch as u64));
-    for j in (1..order.len()).rev() {
-        order.swap(j, rng.below(j + 1));
-    }
-    order
-}
-
-/// Drops log lines past the checkpoint's step (they are recomputed on resume).
-fn truncate_log(path: &Path, step: u64) -> Result<(), String> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .take(step as usize)
-        .map(|l| format!("{l}\n"))
-        .collect();
-    write_file_atomically(path, kept.as_bytes()).map_err(|e| e.to_string())
 }

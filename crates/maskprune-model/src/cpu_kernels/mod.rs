@@ -94,12 +94,20 @@ impl MulAdd for Separate {
 /// itself: no third thread (the caller) sleeps through each pass and is woken after it, and
 /// no caller runs its serial work beside workers still spinning for more. On two cores that
 /// was 2-10% of a prefill and the context switches of a training step.
+///
+/// Callers from outside the pool take turns: a worker waiting inside one caller's parallel
+/// pass may otherwise pick up another caller's whole job, and when that job needs a lock the
+/// first one holds (burn's autodiff graph is behind one lock during a backward pass), both
+/// wait forever (seen with tests training in parallel).
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     if rayon::current_thread_index().is_some() {
-        f()
-    } else {
-        rayon::scope(|_| f())
+        return f();
     }
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    rayon::scope(|_| f())
 }
 
 /// An output pointer that parallel tasks write through, each to a part no other task
