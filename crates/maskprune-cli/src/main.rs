@@ -41,7 +41,7 @@ fn keep_freed_memory() {
 
 /// Structured pruning of LLaMA-family models with learned masks (MaskPrune).
 #[derive(Parser)]
-#[command(name = "maskprune", version, about, long_about = None)]
+#[command(name = "maskprune", version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("MASKPRUNE_COMMIT"), ")"), about, long_about = None)]
 struct Cli {
     /// No progress bars or informational messages (results and errors are still printed).
     #[arg(long, global = true)]
@@ -104,10 +104,13 @@ pub struct RunOptions {
 fn main() -> ExitCode {
     // A file-size limit (or a quota) then fails the write with an error we report, instead
     // of killing the process with SIGXFSZ halfway through an output.
+    // A closed stdout (`maskprune inspect DIR | head`) ends the process quietly, as it ends
+    // `ls`: Rust ignores SIGPIPE, and printing would then panic on the broken pipe.
     #[cfg(unix)]
-    // SAFETY: setting a signal's disposition to SIG_IGN at start-up, before any thread exists.
+    // SAFETY: setting signals' dispositions at start-up, before any thread exists.
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     keep_freed_memory();
     let cli = match Cli::try_parse() {

@@ -2,10 +2,12 @@
 //! written by `scripts/reproduce-table.sh`) into `table.json`, `table.csv` and `table.md`,
 //! laid out like LLM-Pruner's Table 1.
 //!
-//! A row directory holds `row.json` (`{"method", "sparsity", "model", "prune_seconds"}`),
-//! the JSON of `eval ppl` for `wikitext2.json` and `ptb.json`, of `eval zeroshot` for
-//! `zeroshot.json`, and optionally `bench.json` (`bench --baseline`). Rows missing a file are
-//! listed as incomplete and left out.
+//! A row directory holds `row.json` (`{"method", "sparsity", "model", "prune_seconds",
+//! "tuned", "tokens", "commit"}`), the JSON of `eval ppl` for `wikitext2.json` and `ptb.json`,
+//! of `eval zeroshot` for `zeroshot.json`, and optionally `bench.json` (`bench --baseline`).
+//! Rows missing a file are listed as incomplete and left out. Rows with `tuned: true` (the
+//! same recovery fine-tuning for every method) form a second block, "w/ tune", as in
+//! LLM-Pruner's Table 1.
 
 use std::path::{Path, PathBuf};
 
@@ -81,7 +83,10 @@ fn load_row(dir: &Path) -> anyhow::Result<Option<Row>> {
     let mut v = json!({
         "method": method,
         "sparsity": row["sparsity"],
+        "tuned": row["tuned"].as_bool().unwrap_or(false),
         "params": params,
+        "tokens": row["tokens"],
+        "commit": row["commit"],
         "wikitext2": wt2["result"]["ppl"],
         "ptb": ptb["result"]["ppl"],
     });
@@ -96,6 +101,13 @@ fn load_row(dir: &Path) -> anyhow::Result<Option<Row>> {
         return Ok(None);
     }
     v["average"] = zs["average"]["value"].clone();
+    // The average's standard error from the tasks' (independent documents).
+    let variance: f64 = TASKS
+        .iter()
+        .filter_map(|(t, m)| zs["tasks"][t][format!("{m}_stderr")].as_f64())
+        .map(|se| se * se)
+        .sum();
+    v["average_stderr"] = json!(variance.sqrt() / TASKS.len() as f64);
     let zs_seconds: f64 = TASKS
         .iter()
         .filter_map(|(t, _)| zs["tasks"][t]["seconds"].as_f64())
@@ -160,6 +172,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .position(|x| *x == m)
             .unwrap_or(METHODS.len());
         (
+            v["tuned"].as_bool().unwrap_or(false),
             (v["sparsity"].as_f64().unwrap_or(0.0) * 1000.0).round() as i64,
             order,
             m.to_string(),
@@ -175,43 +188,64 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }))?,
     )?;
 
-    let mut csv = String::from("method,sparsity,params,wikitext2,ptb");
+    let mut csv = String::from("method,sparsity,tuned,params,tokens,wikitext2,ptb");
     for (t, _) in TASKS {
         csv += &format!(",{t}");
     }
-    csv += ",average\n";
+    csv += ",average,average_stderr\n";
     for v in &values {
         csv += &format!(
-            "{},{},{},{},{}",
+            "{},{},{},{},{},{},{}",
             v["method"].as_str().unwrap_or_default(),
             v["sparsity"],
+            v["tuned"],
             v["params"],
+            v["tokens"],
             v["wikitext2"],
             v["ptb"]
         );
         for (t, _) in TASKS {
             csv += &format!(",{}", v[t]);
         }
-        csv += &format!(",{}\n", v["average"]);
+        csv += &format!(",{},{}\n", v["average"], v["average_stderr"]);
     }
     write_file_atomically(&a.out.join("table.csv"), csv.as_bytes())?;
 
     let p = &protocol;
+    let mut commits: Vec<&str> = values.iter().filter_map(|v| v["commit"].as_str()).collect();
+    commits.sort();
+    commits.dedup();
     let mut md = format!(
-        "# {}\n\nPerplexity at seq-len {} (WikiText-2: first {} windows, PTB: first {} windows); zero-shot: first {} documents of each task (the same for every row), scored as lm-eval-harness 0.4; acc for BoolQ, PIQA, WinoGrande and acc_norm for HellaSwag, ARC-e, ARC-c, OpenBookQA, as LLM-Pruner's Table 1. Sparsity: fraction of the decoder layers' linear parameters removed.\n\n",
+        "# {}\n\nPerplexity at seq-len {} (WikiText-2: first {} windows, PTB: first {} windows); zero-shot: first {} documents of each task (the whole task where it is smaller; the same documents for every row), scored as lm-eval-harness 0.4; acc for BoolQ, PIQA, WinoGrande and acc_norm for HellaSwag, ARC-e, ARC-c, OpenBookQA, as LLM-Pruner's Table 1; the average with its standard error. Sparsity: fraction of the decoder layers' linear parameters removed. Tokens: training tokens the row's model saw (mask training and recovery; none for one-shot rankings). Built by commit {}.\n\n",
         a.title, p["ppl_seq_len"], p["wikitext2_windows"], p["ptb_windows"],
         p["zeroshot_limit"].as_u64().map_or("all".into(), |n| n.to_string()),
+        if commits.is_empty() { "(not recorded)".to_string() } else { commits.join(", ") },
     );
-    md += "| sparsity | method | params | WikiText-2 ↓ | PTB ↓ | BoolQ | PIQA | HellaSwag | WinoGrande | ARC-e | ARC-c | OBQA | average ↑ |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    let header = "| sparsity | method | params | tokens | WikiText-2 ↓ | PTB ↓ | BoolQ | PIQA | HellaSwag | WinoGrande | ARC-e | ARC-c | OBQA | average ↑ |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    let mut block = None;
     for v in &values {
+        let tuned = v["tuned"].as_bool().unwrap_or(false);
+        if block != Some(tuned) {
+            md += if tuned {
+                "\n**w/ tune** (the same recovery fine-tuning for every row)\n\n"
+            } else {
+                "**w/o tune**\n\n"
+            };
+            md += header;
+            block = Some(tuned);
+        }
         let params = v["params"]
             .as_f64()
             .map_or("–".into(), |n| format!("{:.1}M", n / 1e6));
+        let tokens = v["tokens"]
+            .as_f64()
+            .map_or("–".into(), |n| format!("{:.2}M", n / 1e6));
         md += &format!(
-            "| {:.0}% | {} | {} | {} | {} |",
+            "| {:.0}% | {} | {} | {} | {} | {} |",
             100.0 * v["sparsity"].as_f64().unwrap_or(0.0),
             v["method"].as_str().unwrap_or_default(),
             params,
+            tokens,
             fmt_num(&v["wikitext2"], 2),
             fmt_num(&v["ptb"], 2)
         );
@@ -222,8 +256,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
         }
         md += &format!(
-            " {} |\n",
-            fmt_num(&v["average"].as_f64().map(|x| 100.0 * x).into(), 2)
+            " {} ± {} |\n",
+            fmt_num(&v["average"].as_f64().map(|x| 100.0 * x).into(), 2),
+            fmt_num(&v["average_stderr"].as_f64().map(|x| 100.0 * x).into(), 2)
         );
     }
     let benched: Vec<&Value> = values
@@ -260,13 +295,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
         }
     }
-    md += "\nWall time (s) of each part:\n\n| sparsity | method | prune | WikiText-2 | PTB | zero-shot |\n|---|---|---|---|---|---|\n";
+    md += "\nWall time (s) of each part (prune: the method's own time; w/ tune rows: the recovery's):\n\n| sparsity | method | block | prune | WikiText-2 | PTB | zero-shot |\n|---|---|---|---|---|---|---|\n";
     for v in &values {
         let w = &v["wall_s"];
         md += &format!(
-            "| {:.0}% | {} | {} | {} | {} | {} |\n",
+            "| {:.0}% | {} | {} | {} | {} | {} | {} |\n",
             100.0 * v["sparsity"].as_f64().unwrap_or(0.0),
             v["method"].as_str().unwrap_or_default(),
+            if v["tuned"].as_bool().unwrap_or(false) {
+                "w/ tune"
+            } else {
+                "w/o tune"
+            },
             fmt_num(&w["prune"], 0),
             fmt_num(&w["wikitext2"], 0),
             fmt_num(&w["ptb"], 0),

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixtures, maskprune};
+use common::{bin, fixtures, maskprune};
 
 fn scratch(name: &str) -> PathBuf {
     common::scratch("cli", name)
@@ -401,4 +401,38 @@ fn a_write_that_fails_halfway_leaves_no_output() {
         .filter(|n| n != "plan.json")
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn a_closed_stdout_ends_every_verb_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    // Each verb prints more than a pipe's first read takes; its reader is gone at once.
+    let model = fixtures().join("tiny-llama");
+    let model = model.to_str().unwrap();
+    for args in [vec!["inspect", model], vec!["datasets"], vec!["--help"]] {
+        let mut child = bin()
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // `| head -c 0`
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {stderr}"
+        );
+        // Ended by SIGPIPE, as `ls | head` ends `ls`, or done before it noticed.
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc_sigpipe()),
+            "{args:?}: {:?}",
+            out.status
+        );
+    }
+}
+
+/// SIGPIPE's number on Linux and the BSDs.
+fn libc_sigpipe() -> i32 {
+    13
 }

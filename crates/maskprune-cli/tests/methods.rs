@@ -350,7 +350,27 @@ fn reproduce_table_quick_writes_the_table() {
     );
     let table = json(&dir.join("results/table.json"));
     let rows = table["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 8, "dense + 7 methods at 50%");
+    assert_eq!(
+        rows.len(),
+        11,
+        "dense + 5 methods at 50%, and the 5 after the recovery"
+    );
+    let tuned: Vec<&serde_json::Value> = rows.iter().filter(|r| r["tuned"] == true).collect();
+    assert_eq!(tuned.len(), 5);
+    assert!(
+        tuned.iter().all(|r| r["tokens"].as_u64().unwrap() > 0),
+        "{tuned:?}"
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r["commit"].as_str().is_some_and(|c| !c.is_empty())));
+    let appendix = json(&dir.join("results/appendix/table.json"));
+    assert_eq!(
+        appendix["rows"].as_array().unwrap().len(),
+        3,
+        "dense, random, magnitude"
+    );
+    assert_eq!(appendix["protocol"]["zeroshot_limit"], 2);
     for r in rows {
         for k in [
             "wikitext2",
@@ -366,7 +386,9 @@ fn reproduce_table_quick_writes_the_table() {
     assert_eq!(table["protocol"]["zeroshot_limit"], 3);
     let md = std::fs::read_to_string(dir.join("results/table.md")).unwrap();
     assert!(
-        md.contains("| 50% | wanda-sp |") && md.contains("decode tokens/s"),
+        md.contains("| 50% | wanda-sp |")
+            && md.contains("decode tokens/s")
+            && md.contains("**w/ tune**"),
         "{md}"
     );
     let report =
@@ -376,12 +398,15 @@ fn reproduce_table_quick_writes_the_table() {
         "{report}"
     );
     let csv = std::fs::read_to_string(dir.join("results/table.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 9);
+    assert_eq!(csv.lines().count(), 12);
     // A second run finds every row and recomputes nothing.
     let again = quick();
     let text = String::from_utf8_lossy(&again.stdout);
     assert!(
-        again.status.success() && !text.contains("== 50%: pruning") && !text.contains("perplexity"),
+        again.status.success()
+            && !text.contains("== 50%: pruning")
+            && !text.contains("perplexity")
+            && !text.contains("recovery"),
         "{text}"
     );
 }

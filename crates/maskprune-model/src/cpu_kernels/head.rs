@@ -243,12 +243,14 @@ impl RowWork {
             _ => 0.0,
         };
         let mut kl = 0.0;
-        match (t, ntp, plain_stats) {
-            (None, Some((_, w)), Some((max, sum))) => {
-                softmax_in_place(s, max, 1.0, (w as f64 / sum) as f32)
-            }
-            (None, _, _) => s.fill(0.0),
-            (Some(t), _, _) => {
+        match t {
+            None => match (ntp, plain_stats) {
+                (Some((_, w)), Some((max, sum))) => {
+                    softmax_in_place(s, max, 1.0, (w as f64 / sum) as f32)
+                }
+                _ => s.fill(0.0),
+            },
+            Some(t) => {
                 // With e = exp((x − max)/T) and Z = Σe: KL = (1/Zt)·Σ et·(t − s)/T
                 // − (mt − ms)/T − ln Zt + ln Zs; its gradient, times T²/rows, is
                 // (T/rows)·(es/Zs − et/Zt).
@@ -259,34 +261,24 @@ impl RowWork {
                 let cross = weighted_difference(t, s, mt, inv_t) / temperature as f64;
                 kl = cross / zt - (mt - ms) as f64 / temperature as f64 - zt.ln() + zs.ln();
                 let c = self.kl_scale.expect("a teacher has a KL scale") / temperature as f64;
-                let mut student_coefficient = c / zs;
-                match (ntp, plain_stats, plain) {
-                    // At temperature 1 the next-token softmax is the KL's own.
-                    (Some((_, w)), Some(_), _) if temperature == 1.0 => {
-                        student_coefficient += w as f64 / zs
-                    }
-                    (Some((_, w)), Some((max, sum)), Some(plain)) => {
+                // The next-token softmax: at temperature 1 the KL's own (its weight joins
+                // the student's coefficient), else computed into `plain` before `s` is
+                // overwritten, and added after.
+                let mut student = c / zs;
+                let mut separate = None;
+                if let (Some((_, w)), Some((max, sum))) = (ntp, plain_stats) {
+                    if temperature == 1.0 {
+                        student += w as f64 / zs;
+                    } else {
+                        let plain = plain.expect("a buffer when the temperature is not 1");
                         softmax_into(plain, s, max, 1.0, (w as f64 / sum) as f32);
-                        kl_gradient(
-                            s,
-                            t,
-                            [ms, mt, inv_t],
-                            [student_coefficient as f32, (c / zt) as f32],
-                        );
-                        super::gemm::add_assign(s, plain);
-                        if let Some((target, w)) = ntp {
-                            s[target as usize] -= w;
-                        }
-                        return (kl, ce);
+                        separate = Some(plain);
                     }
-                    _ => {}
                 }
-                kl_gradient(
-                    s,
-                    t,
-                    [ms, mt, inv_t],
-                    [student_coefficient as f32, (c / zt) as f32],
-                );
+                kl_gradient(s, t, [ms, mt, inv_t], [student as f32, (c / zt) as f32]);
+                if let Some(plain) = separate {
+                    super::gemm::add_assign(s, plain);
+                }
             }
         }
         if let Some((target, w)) = ntp {

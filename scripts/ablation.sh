@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One row of the mask-training ablation (docs/method.md): prune SmolLM2 with MaskPrune at
+# SPARSITY (default 30%) using configs/NAME-<pct>.toml plus the given `prune` flags, then
+# record what it cost (training tokens, wall time), the selection metric — perplexity on
+# held-out calibration text: C4's first 1,100 documents (256 windows of 128), which
+# calibration never reads (it draws from documents 1,100-1,999), the same text for every
+# variant whatever its calibration settings — the run's own held-out KL before and after
+# extraction, and, for information only, WikiText-2 perplexity (first 1,024 windows).
+#
+#   scripts/ablation.sh ROW [prune flags...]      # e.g. packed --set calibration.packed=true
+#   scripts/ablation.sh --table                   # the ablation table of the finished rows
+#
+# Rows go to RESULTS/ablation-<pct>/ROW/ (row.json, summary.json, c4.json, wikitext2.json); models
+# to WORK/ablation-<pct>/ROW. Environment: MODEL, NAME (smollm2-135m), SPARSITY (30), METHOD
+# (maskprune; or maskprune-nonuniform), MASKPRUNE_BIN, WORK, RESULTS, PPL_WINDOWS (1024).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NAME=${NAME:-smollm2-135m}
+PCT=${SPARSITY:-30}
+RESULTS=${RESULTS:-results/$NAME}
+DIR=$RESULTS/ablation-$PCT
+if [ "${1:-}" = "--table" ]; then
+  python3 - "$DIR" <<'PY'
+import json, os, sys
+root = sys.argv[1]
+rows = []
+for name in sorted(os.listdir(root)):
+    d = os.path.join(root, name)
+    try:
+        row = json.load(open(os.path.join(d, "row.json")))
+        s = json.load(open(os.path.join(d, "summary.json")))
+        c4 = json.load(open(os.path.join(d, "c4.json")))["result"]["ppl"]
+        w = json.load(open(os.path.join(d, "wikitext2.json")))["result"]["ppl"]
+    except FileNotFoundError:
+        continue
+    rows.append((row, s, c4, w))
+rows.sort(key=lambda r: r[0]["started"])
+print("| row | method | flags | tokens | wall time | widths (q/kv/MLP) | run's held-out KL before → after extraction | held-out C4 ppl (selection) | WikiText-2 (not for selection) |")
+print("|---|---|---|---|---|---|---|---|---|")
+for row, s, c4, w in rows:
+    wd = s["widths"]
+    print(f"| {row['row']} | {row['method']} | `{' '.join(row['flags']) or '(config)'}` | {row['tokens'] / 1e6:.2f}M | "
+          f"{row['seconds'] / 60:.1f} min | {wd['query_heads']}/{wd['kv_heads']}/{wd['channels']} | "
+          f"{s['loss_before_extraction']:.4f} → {s['loss_after_extraction']:.4f} | {c4:.2f} | {w:.2f} |")
+PY
+  exit 0
+fi
+ROW=${1:?usage: scripts/ablation.sh ROW [prune flags...] | --table}
+shift
+if [ -z "${MASKPRUNE_BIN:-}" ]; then
+  cargo build --quiet --release -p maskprune-cli
+fi
+BIN=${MASKPRUNE_BIN:-${CARGO_TARGET_DIR:-target}/release/maskprune}
+MODEL=${MODEL:-$(MASKPRUNE_BIN=$BIN scripts/fetch-smollm2.sh | tail -n 1)}
+WORK=${WORK:-$HOME/.cache/maskprune/ablation/$NAME}/ablation-$PCT
+METHOD=${METHOD:-maskprune}
+out=$WORK/$ROW
+row=$DIR/$ROW
+mkdir -p "$WORK" "$row"
+if [ ! -f "$out/maskprune.json" ]; then
+  start=$(date +%s)
+  "$BIN" prune --method "$METHOD" --config "configs/$NAME-$PCT.toml" --model "$MODEL" \
+    --out "$out" --run-dir "$out.run" --overwrite --overwrite-run "$@"
+  python3 - "$row" "$ROW" "$METHOD" "$out.run" "$start" "$(date +%s)" "$("$BIN" --version)" "$@" <<'PY'
+import json, os, sys, tomllib
+row, name, method, run, start, end, version, *flags = sys.argv[1:]
+summary = json.load(open(os.path.join(run, "summary.json")))
+config = tomllib.load(open(os.path.join(run, "config.toml"), "rb"))
+seq_len = json.load(open(os.path.join(run, "calibration.json")))["seq_len"]
+out = {"row": name, "method": method, "flags": flags, "started": int(start),
+       "seconds": int(end) - int(start), "train_seconds": summary["train_seconds"],
+       "tokens": summary["steps"] * config["train"]["batch"] * seq_len, "version": version}
+json.dump(out, open(os.path.join(row, "row.json"), "w"), indent=2)
+json.dump(summary, open(os.path.join(row, "summary.json"), "w"), indent=2)
+PY
+fi
+[ -f "$row/c4.json" ] || "$BIN" eval ppl --quiet --model "$out" --dataset c4 --seq-len 128 \
+  --json "$row/c4.json"
+[ -f "$row/wikitext2.json" ] || "$BIN" eval ppl --quiet --model "$out" --dataset wikitext2 \
+  --seq-len 128 --max-windows "${PPL_WINDOWS:-1024}" --json "$row/wikitext2.json"
+python3 -c "import json,sys; print(sys.argv[1], 'C4', json.load(open(sys.argv[2]))['result']['ppl'], 'WikiText-2', json.load(open(sys.argv[3]))['result']['ppl'])" "$ROW" "$row/c4.json" "$row/wikitext2.json"
