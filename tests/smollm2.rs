@@ -108,3 +108,32 @@ fn smollm2_wikitext2_perplexity_matches_transformers() {
         );
     }
 }
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    // tests/fixtures/smollm2-generate.json: scripts/make_generate_reference.py, 32 tokens of
+    // `generate(do_sample=False)` without an end-of-text stop, dense and pruned with the
+    // committed 50% plan (no adapters).
+    let Some(dir) = model_dir() else { return };
+    use maskprune_eval::{generate, Sampling};
+    let reference = read_json("smollm2-generate.json");
+    let plan_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../results/smollm2-135m/plan-maskprune-50.json");
+    let plan: maskprune_surgery::PrunePlan =
+        serde_json::from_str(&std::fs::read_to_string(plan_path).unwrap()).unwrap();
+    let pruned = scratch("generate-pruned").join("model");
+    maskprune_surgery::prune_checkpoint(&dir, &plan, &pruned, false).unwrap();
+    for (key, model_dir) in [("dense", &dir), ("pruned_50", &pruned)] {
+        let model = Llama::<B>::load(model_dir, &Default::default()).unwrap();
+        for case in reference[key].as_array().unwrap() {
+            let prompt = ids(&case["prompt_ids"]);
+            let out = generate(&model, &prompt, 32, Sampling::GREEDY, &[], &mut |_| true).unwrap();
+            assert_eq!(
+                out.tokens,
+                ids(&case["greedy"]),
+                "{key}: greedy continuation of {:?} differs from transformers'",
+                case["prompt"]
+            );
+        }
+    }
+}

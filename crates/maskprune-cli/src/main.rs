@@ -8,6 +8,7 @@ mod datasets;
 mod eval_ppl;
 mod eval_zeroshot;
 mod finetune;
+mod generate;
 mod import;
 mod inspect;
 mod progress;
@@ -73,6 +74,10 @@ enum Command {
     Surgery(prune_stages::SurgeryArgs),
     /// Every stage at once: calibration, mask training (or a one-shot baseline), surgery.
     Prune(train::PruneArgs),
+    /// Continue a prompt with the model (KV cache; greedy or sampled), printing as it goes.
+    Generate(generate::GenerateArgs),
+    /// Talk with the model in the terminal, with its chat template.
+    Chat(generate::ChatArgs),
     /// Recovery fine-tuning of a pruned model: LoRA (next-token loss, distillation from the
     /// dense model with --teacher), merged into a standard checkpoint.
     Finetune(finetune::Args),
@@ -138,6 +143,8 @@ fn main() -> ExitCode {
         Command::TrainMasks(a) => train::train_masks(a),
         Command::Prune(a) => train::prune(a),
         Command::Finetune(a) => finetune::run(a),
+        Command::Generate(a) => generate::generate_run(a),
+        Command::Chat(a) => generate::chat_run(a),
         Command::Table(a) => table::run(a),
         Command::Report(a) => report::run(a),
     };

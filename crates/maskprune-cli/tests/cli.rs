@@ -436,3 +436,80 @@ fn a_closed_stdout_ends_every_verb_quietly() {
 fn libc_sigpipe() -> i32 {
     13
 }
+
+#[test]
+fn generate_and_chat_on_the_tiny_fixture() {
+    let dir = scratch("generate");
+    // A GGUF file is imported once into the cache, then generates.
+    let gguf = fixtures().join("tiny-llama.gguf");
+    let out = bin()
+        .env("MASKPRUNE_CACHE", &dir)
+        .args([
+            "generate",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--prompt",
+            "hello",
+            "--max-new-tokens",
+            "5",
+        ])
+        .args(["--json", dir.join("gen.json").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("gen.json")).unwrap()).unwrap();
+    assert_eq!(report["generated"]["tokens"].as_array().unwrap().len(), 5);
+    assert!(dir.join("gguf-imports").read_dir().unwrap().count() == 1);
+    // Without a chat template, chat says so in one line.
+    let model = fixtures().join("tiny-llama");
+    let (code, _, stderr) = maskprune(&["chat", "--model", model.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_one_line_error(&stderr, "chat_template");
+    // With one, a conversation over stdin: two turns, then an empty line ends it.
+    let with_template = dir.join("templated");
+    std::fs::create_dir_all(&with_template).unwrap();
+    for f in std::fs::read_dir(&model).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, with_template.join(f.file_name().unwrap())).unwrap();
+    }
+    let config_path = with_template.join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["chat_template"] = serde_json::json!(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    );
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let mut child = bin()
+        .args([
+            "chat",
+            "--model",
+            with_template.to_str().unwrap(),
+            "--max-new-tokens",
+            "3",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello\nagain\n\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("> ").count(), 3, "{stdout}");
+}
