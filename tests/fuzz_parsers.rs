@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use maskprune_gguf::export::{hf_config, OutDtype};
+use maskprune_gguf::import::{hf_config, OutDtype};
 use maskprune_gguf::reader::GgufFile;
 use maskprune_gguf::tokenizer::build_tokenizer;
 use maskprune_model::{ModelConfig, WeightStore};

@@ -175,3 +175,21 @@ fn gguf_parser_reads_the_fixture_metadata() {
         (vec![64, 64], GgmlType::F16)
     );
 }
+
+#[test]
+fn exported_gguf_imports_back_within_each_types_precision() {
+    let worst = export_round_trip(
+        &fixtures().join("tiny-llama"),
+        &[
+            (GgmlType::F32, 0.0),
+            (GgmlType::F16, 1e-3),
+            (GgmlType::BF16, 8e-3),
+            (GgmlType::Q8_0, 1e-2),
+            (GgmlType::Q4_0, 0.2),
+            // Rows of 64: k-quants fall back to q8_0 (SmolLM2's test covers them for real).
+            (GgmlType::Q4K, 1e-2),
+            (GgmlType::Q6K, 1e-2),
+        ],
+    );
+    eprintln!("largest relative RMS error per type: {worst:?}");
+}

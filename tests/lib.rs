@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
 use burn::tensor::Tensor;
+use maskprune_gguf::{export_gguf, import_gguf, GgmlType, OutDtype};
+use maskprune_model::{load_tokenizer, ModelConfig, WeightStore};
 use serde_json::Value;
 
 /// The CPU backend the tests run on.
@@ -69,4 +71,76 @@ pub fn reference_rows() -> Vec<Vec<u32>> {
         .iter()
         .map(ids)
         .collect()
+}
+
+/// RMS of `a − b` over the RMS of `a`.
+pub fn relative_rms(a: &[f32], b: &[f32]) -> f64 {
+    let err: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let norm: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    (err / norm.max(1e-30)).sqrt()
+}
+
+/// Exports `dir` as each type, imports it back, and checks every weight against the
+/// original: equal for f32, within the type's precision otherwise (`bounds`: type, largest
+/// relative RMS error of a tensor). Returns the largest errors.
+pub fn export_round_trip(dir: &Path, bounds: &[(GgmlType, f64)]) -> Vec<(GgmlType, f64)> {
+    let scratch = scratch(&format!(
+        "export-{}",
+        dir.file_name().unwrap().to_string_lossy()
+    ));
+    let original = WeightStore::open(dir).unwrap();
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let mut worst = Vec::new();
+    for &(ty, bound) in bounds {
+        let gguf = scratch.join(format!("{}.gguf", ty.name()));
+        export_gguf(dir, &gguf, ty, false, &mut |_, _| {}).unwrap();
+        let back = scratch.join(ty.name());
+        import_gguf(&gguf, &back, OutDtype::F32, false, &mut |_, _| {}).unwrap();
+        assert_eq!(
+            ModelConfig::from_file(&back.join("config.json"))
+                .unwrap()
+                .family,
+            config.family
+        );
+        let store = WeightStore::open(&back).unwrap();
+        let mut largest = 0.0f64;
+        for name in original.names() {
+            let shape = original.shape(name).unwrap().to_vec();
+            let a = original.read_f32(name, &shape).unwrap();
+            let b = store.read_f32(name, &shape).unwrap();
+            let e = relative_rms(&a, &b);
+            if ty == GgmlType::F32 {
+                assert!(
+                    a == b,
+                    "{}: `{name}` changed in an f32 round trip",
+                    ty.name()
+                );
+            }
+            largest = largest.max(e);
+        }
+        assert!(
+            largest <= bound,
+            "{}: a tensor's relative RMS error is {largest} > {bound}",
+            ty.name()
+        );
+        // The tokenizer rebuilt from the GGUF's metadata encodes as the original.
+        let (t0, t1) = (
+            load_tokenizer(dir, &config).unwrap(),
+            load_tokenizer(&back, &config).unwrap(),
+        );
+        for text in [
+            "Hello, world! 123",
+            "  pruning\nstructured\tmodels  ",
+            "<|endoftext|>x",
+        ] {
+            assert_eq!(
+                t0.encode(text, true).unwrap().get_ids(),
+                t1.encode(text, true).unwrap().get_ids(),
+                "{}: {text:?}",
+                ty.name()
+            );
+        }
+        worst.push((ty, largest));
+    }
+    worst
 }

@@ -137,3 +137,22 @@ fn greedy_generation_matches_transformers() {
         }
     }
 }
+
+#[test]
+fn smollm2_exports_to_gguf_and_back_within_each_types_precision() {
+    let Some(dir) = model_dir() else { return };
+    use maskprune_gguf::GgmlType;
+    // f32 exact; the others within their precision (rows of 576 fill no k-quant block, so
+    // those tensors fall back to q8_0; the 1536-wide down projections are k-quantised).
+    let worst = export_round_trip(
+        &dir,
+        &[
+            (GgmlType::F32, 0.0),
+            (GgmlType::F16, 1e-3),
+            (GgmlType::Q8_0, 1e-2),
+            (GgmlType::Q6K, 2e-2),
+            (GgmlType::Q4K, 0.1),
+        ],
+    );
+    eprintln!("largest relative RMS error of a tensor per type: {worst:?}");
+}

@@ -1,9 +1,10 @@
-//! `maskprune import-gguf`: GGUF file to Hugging Face directory.
+//! `maskprune import-gguf` (GGUF file to Hugging Face directory) and `maskprune export-gguf`
+//! (Hugging Face directory to the GGUF llama.cpp loads).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use maskprune_gguf::{import_gguf, OutDtype};
+use maskprune_gguf::{export_gguf, import_gguf, GgmlType, OutDtype};
 
 use crate::progress;
 
@@ -56,6 +57,80 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report.params,
         dtype.torch_name(),
         start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Arguments of `export-gguf`.
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// The model directory (Hugging Face layout; a pruned one included).
+    dir: PathBuf,
+    /// Output GGUF file (written atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Weight encoding. Norms stay f32; a quantised type whose blocks a tensor's rows do not
+    /// fill falls back to q8_0, then f16 (listed in the file's `maskprune.fallback_tensors`).
+    #[arg(long = "type", default_value = "f16", value_parser = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k"])]
+    ty: String,
+    /// Replace an existing output file.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let ty = match args.ty.as_str() {
+        "f32" => GgmlType::F32,
+        "bf16" => GgmlType::BF16,
+        "q8_0" => GgmlType::Q8_0,
+        "q4_0" => GgmlType::Q4_0,
+        "q4_k" => GgmlType::Q4K,
+        "q6_k" => GgmlType::Q6K,
+        _ => GgmlType::F16,
+    };
+    let start = Instant::now();
+    let pb = progress::bar("export", 0, "tensors");
+    let report = export_gguf(
+        &args.dir,
+        &args.out,
+        ty,
+        args.overwrite,
+        &mut |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    )?;
+    pb.finish_and_clear();
+    let types: Vec<String> = report
+        .types
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect();
+    println!(
+        "exported {} -> {} ({} tensors [{}], {:.1} MB) in {:.1}s{}",
+        args.dir.display(),
+        args.out.display(),
+        report.tensors,
+        types.join(", "),
+        report.bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64(),
+        if report.fallbacks.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} tensors whose rows do not fill {} blocks written as {}",
+                report.fallbacks.len(),
+                ty.name(),
+                report
+                    .fallbacks
+                    .iter()
+                    .map(|(_, t)| t.name())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join("/")
+            )
+        }
     );
     Ok(())
 }

@@ -55,6 +55,9 @@ struct Cli {
 enum Command {
     /// Convert a GGUF file into a Hugging Face model directory (config, safetensors, tokenizer).
     ImportGguf(import::Args),
+    /// Write a model directory as the GGUF file llama.cpp loads (f32, f16, bf16, q8_0, q4_0,
+    /// q4_k, q6_k).
+    ExportGguf(import::ExportArgs),
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -132,6 +135,7 @@ fn main() -> ExitCode {
     progress::set_quiet(cli.quiet);
     let result = match cli.command {
         Command::ImportGguf(a) => import::run(a),
+        Command::ExportGguf(a) => import::export(a),
         Command::Eval(EvalCommand::Ppl(a)) => eval_ppl::run(a),
         Command::Eval(EvalCommand::Zeroshot(a)) => eval_zeroshot::run(a),
         Command::Inspect(a) => inspect::run(a),

@@ -1,88 +1,69 @@
-//! GGUF to Hugging Face directory: config, dequantised safetensors, tokenizer files.
+//! Hugging Face directory to GGUF as llama.cpp reads it: the `llama` architecture's metadata
+//! (with the pruned shapes: `attention.key_length` / `value_length` when `head_dim` is not
+//! `hidden / heads`, `rope.dimension_count = head_dim`, the KV heads, the feed-forward
+//! length), the byte-level BPE tokenizer rebuilt from `tokenizer.json` and the chat template,
+//! q/k rows permuted into llama.cpp's rotary layout, and the weights encoded as asked. A
+//! tensor whose rows do not fill the type's blocks falls back to a type whose blocks they
+//! fill; the file lists those in `maskprune.fallback_tensors`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use maskprune_model::output::{write_dir_atomically, write_file_atomically};
-use maskprune_model::{ModelConfig, ModelError};
-use safetensors::tensor::{Dtype, TensorView};
-use serde_json::{json, Value};
+use maskprune_model::output::write_file_atomically;
+use maskprune_model::{Family, ModelConfig, ModelError, WeightStore};
+use serde_json::Value;
 
-use crate::quant::dequantize;
-use crate::reader::{GgufFile, MetaValue, TensorInfo};
-use crate::tokenizer::build_tokenizer;
+use crate::import::hf_tensor_name;
+use crate::quant::{quantize, GgmlType};
+use crate::reader::MetaValue;
+use crate::tokenizer::pre_tokenizer_name;
+use crate::writer::GgufWriter;
 
-/// Element type of the written `model.safetensors`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutDtype {
-    /// 32-bit float: exact for every GGUF encoding.
-    F32,
-    /// bfloat16: half the size, rounds the dequantised values.
-    BF16,
-    /// IEEE float16.
-    F16,
-}
-
-impl OutDtype {
-    /// The name used in `config.json` (`torch_dtype`).
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            OutDtype::F32 => "float32",
-            OutDtype::BF16 => "bfloat16",
-            OutDtype::F16 => "float16",
-        }
-    }
-}
-
-/// What an import produced.
+/// What an export wrote.
 #[derive(Debug, Clone)]
-pub struct ImportReport {
+pub struct ExportReport {
     /// Tensors written.
     pub tensors: usize,
-    /// Parameters written.
-    pub params: usize,
-    /// Count of source tensors per ggml encoding.
-    pub source_types: BTreeMap<String, usize>,
-    /// The `config.json` written.
-    pub config: Value,
+    /// Bytes of the file.
+    pub bytes: usize,
+    /// Tensors per type written.
+    pub types: BTreeMap<String, usize>,
+    /// Tensors written in another type than asked, and that type.
+    pub fallbacks: Vec<(String, GgmlType)>,
 }
 
-/// The Hugging Face name of a llama.cpp LLaMA tensor.
-pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
-    let fixed = match gguf_name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+/// llama.cpp's `general.file_type` for a requested type.
+fn file_type(ty: GgmlType) -> u64 {
+    match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q8_0 => 7,
+        GgmlType::Q4K => 15, // Q4_K_M: what llama.cpp calls a mostly-Q4_K file
+        GgmlType::Q6K => 18,
+        GgmlType::BF16 => 32,
+        other => panic!("no file type for {other:?}"),
     }
-    let rest = gguf_name.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, kind) = tail.rsplit_once('.')?;
-    let module = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    if kind != "weight" && kind != "bias" {
-        return None;
-    }
-    Some(format!("model.layers.{layer}.{module}.{kind}"))
 }
 
-/// Undoes llama.cpp's q/k row permutation: within each head, GGUF row `2i + p` is HF row
-/// `p * (d/2) + i` (transformers' `reverse_permute_weights`).
-pub fn unpermute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+/// The type a tensor of rows of `row` values gets when `asked` is requested: 1-D tensors
+/// (norms) stay F32; a quantised type whose blocks the rows do not fill falls back to Q8_0
+/// (blocks of 32), then to F16.
+fn tensor_type(asked: GgmlType, shape: &[usize]) -> GgmlType {
+    if shape.len() < 2 {
+        return GgmlType::F32;
+    }
+    let row = shape[shape.len() - 1];
+    [asked, GgmlType::Q8_0]
+        .into_iter()
+        .find(|t| row.is_multiple_of(t.block_size()))
+        .unwrap_or(GgmlType::F16)
+}
+
+/// llama.cpp's rotary layout for q/k rows (the inverse of
+/// [`crate::import::unpermute_rows`]): within each head, HF row `p * (d/2) + i` becomes row
+/// `2i + p`.
+pub fn permute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     let rows = data.len() / cols;
     let d = rows / heads;
     let half = d / 2;
@@ -90,8 +71,8 @@ pub fn unpermute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     for h in 0..heads {
         for i in 0..half {
             for p in 0..2 {
-                let src = (h * d + 2 * i + p) * cols;
-                let dst = (h * d + p * half + i) * cols;
+                let src = (h * d + p * half + i) * cols;
+                let dst = (h * d + 2 * i + p) * cols;
                 out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
             }
         }
@@ -99,333 +80,291 @@ pub fn unpermute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn meta_u64(file: &GgufFile, key: &str) -> Result<Option<u64>, String> {
-    match file.get(key) {
-        None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| format!("metadata `{key}` must be an integer, found {v:?}")),
+/// The GGUF name of a Hugging Face LLaMA tensor.
+fn gguf_name(hf: &str, layers: usize) -> Option<String> {
+    let fixed = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
     }
+    // Every candidate name of every layer, mapped back: one table, in `import`.
+    let rest = hf.strip_prefix("model.layers.")?;
+    let layer: usize = rest.split('.').next()?.parse().ok()?;
+    if layer >= layers {
+        return None;
+    }
+    [
+        "attn_norm",
+        "ffn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ]
+    .iter()
+    .flat_map(|part| ["weight", "bias"].map(|kind| format!("blk.{layer}.{part}.{kind}")))
+    .find(|g| hf_tensor_name(g).as_deref() == Some(hf))
 }
 
-fn required(file: &GgufFile, key: &str) -> Result<u64, String> {
-    meta_u64(file, key)?.ok_or_else(|| format!("metadata `{key}` is missing"))
-}
-
-/// The `config.json` a LLaMA GGUF describes.
-pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
-    let arch = file
-        .get("general.architecture")
-        .and_then(MetaValue::as_str)
-        .ok_or("metadata `general.architecture` is missing")?;
-    if arch != "llama" {
-        return Err(format!(
-            "architecture \"{arch}\" is not supported (only \"llama\")"
-        ));
-    }
-    if file.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
-        return Err(
-            "tensor `rope_freqs.weight` (llama3 rope scaling stored as a tensor) is not supported"
-                .into(),
-        );
-    }
-    let hidden = required(file, "llama.embedding_length")?;
-    let heads = required(file, "llama.attention.head_count")?;
-    let kv_heads = meta_u64(file, "llama.attention.head_count_kv")?.unwrap_or(heads);
-    let head_dim = match meta_u64(file, "llama.attention.key_length")? {
-        Some(k) => k,
-        None => meta_u64(file, "llama.rope.dimension_count")?
-            .unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
-    };
-    let n_tokens = file
-        .get("tokenizer.ggml.tokens")
-        .and_then(MetaValue::as_array)
-        .map(|a| a.len() as u64);
-    let vocab = match meta_u64(file, "llama.vocab_size")? {
-        Some(v) => v,
-        None => {
-            n_tokens.ok_or("neither `llama.vocab_size` nor `tokenizer.ggml.tokens` is present")?
-        }
-    };
-    let eps = file
-        .get("llama.attention.layer_norm_rms_epsilon")
-        .and_then(MetaValue::as_f64)
-        .ok_or("metadata `llama.attention.layer_norm_rms_epsilon` is missing")?;
-    // GGUF stores the epsilon as f32; print it as the decimal it was written from.
-    let eps: f64 = format!("{}", eps as f32).parse().unwrap_or(eps);
-    let theta = file
-        .get("llama.rope.freq_base")
-        .and_then(MetaValue::as_f64)
-        .unwrap_or(10000.0);
-    let rope_scaling = match file
-        .get("llama.rope.scaling.type")
-        .and_then(MetaValue::as_str)
-    {
-        None | Some("none") => Value::Null,
-        Some("linear") => {
-            let factor = file
-                .get("llama.rope.scaling.factor")
-                .and_then(MetaValue::as_f64)
-                .ok_or("metadata `llama.rope.scaling.factor` is missing")?;
-            json!({"rope_type": "linear", "factor": factor})
-        }
-        Some(other) => return Err(format!("rope scaling type \"{other}\" is not supported")),
-    };
-    let tied = !file.tensors.iter().any(|t| t.name == "output.weight");
-    let id = |key: &str| meta_u64(file, key).map(|v| v.map(Value::from).unwrap_or(Value::Null));
-    let has_bias = |part: &str| {
-        file.tensors
-            .iter()
-            .any(|t| t.name.ends_with(&format!("{part}.bias")))
-    };
-    Ok(json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": required(file, "llama.feed_forward_length")?,
-        "num_hidden_layers": required(file, "llama.block_count")?,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": meta_u64(file, "llama.context_length")?.unwrap_or(2048),
-        "rms_norm_eps": eps,
-        "rope_theta": theta,
-        "rope_scaling": rope_scaling,
-        "tie_word_embeddings": tied,
-        "vocab_size": vocab,
-        "bos_token_id": id("tokenizer.ggml.bos_token_id")?,
-        "eos_token_id": id("tokenizer.ggml.eos_token_id")?,
-        "pad_token_id": id("tokenizer.ggml.padding_token_id")?,
-        "attention_bias": has_bias("attn_q"),
-        "attention_dropout": 0.0,
-        "mlp_bias": has_bias("ffn_up"),
-        "initializer_range": 0.02,
-        "pretraining_tp": 1,
-        "use_cache": true,
-        "torch_dtype": dtype.torch_name(),
-    }))
-}
-
-/// The shape transformers expects for a tensor of this config, or `None` if it is unexpected.
-fn expected_shape(name: &str, c: &ModelConfig) -> Option<Vec<usize>> {
-    let (h, q, kv, f) = (
-        c.hidden_size,
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-        c.intermediate_size,
-    );
-    Some(match name {
-        "model.embed_tokens.weight" | "lm_head.weight" => vec![c.vocab_size, h],
-        "model.norm.weight" => vec![h],
-        _ => {
-            let rest = name.strip_prefix("model.layers.")?;
-            let (layer, tail) = rest.split_once('.')?;
-            if layer.parse::<usize>().ok()? >= c.num_hidden_layers {
-                return None;
-            }
-            match tail {
-                "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
-                "self_attn.q_proj.weight" => vec![q, h],
-                "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
-                "self_attn.o_proj.weight" => vec![h, q],
-                "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![f, h],
-                "mlp.down_proj.weight" => vec![h, f],
-                "self_attn.q_proj.bias" => vec![q],
-                "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
-                "self_attn.o_proj.bias" | "mlp.down_proj.bias" => vec![h],
-                "mlp.gate_proj.bias" | "mlp.up_proj.bias" => vec![f],
-                _ => return None,
-            }
-        }
-    })
-}
-
-fn encode(values: &[f32], dtype: OutDtype) -> Vec<u8> {
-    match dtype {
-        OutDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        OutDtype::BF16 => values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        OutDtype::F16 => values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
-    }
-}
-
-/// One tensor converted to its Hugging Face name, shape and values.
-fn convert_tensor(
-    file: &GgufFile,
-    info: &TensorInfo,
-    config: &ModelConfig,
-) -> Result<(String, Vec<usize>, Vec<f32>), String> {
-    let name = hf_tensor_name(&info.name).ok_or_else(|| {
-        format!(
-            "tensor `{}` has no Hugging Face LLaMA equivalent",
-            info.name
-        )
-    })?;
-    let shape = info.torch_shape();
-    let expected = expected_shape(&name, config).ok_or_else(|| {
-        format!(
-            "tensor `{}` ({name}) does not belong to this architecture",
-            info.name
-        )
-    })?;
-    if shape != expected {
-        return Err(format!(
-            "tensor `{}` has shape {shape:?}, but the metadata implies {expected:?}",
-            info.name
-        ));
-    }
-    let mut values = dequantize(info.ggml_type, file.tensor_bytes(info));
-    if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
-        return Err(format!(
-            "tensor `{}` holds a non-finite value at element {bad}",
-            info.name
-        ));
-    }
-    let cols = *shape.last().unwrap_or(&1);
-    if info.name.contains(".attn_q.") {
-        values = unpermute_rows(
-            &values,
-            config.num_attention_heads,
-            if shape.len() == 1 { 1 } else { cols },
-        );
-    } else if info.name.contains(".attn_k.") {
-        values = unpermute_rows(
-            &values,
-            config.num_key_value_heads,
-            if shape.len() == 1 { 1 } else { cols },
-        );
-    }
-    Ok((name, shape, values))
-}
-
-/// Converts GGUF file `src` into a Hugging Face model directory `out`, atomically.
-/// `progress` is called after each tensor with (done, total).
-pub fn import_gguf(
-    src: &Path,
+/// Writes the model directory `dir` as a GGUF file `out` (atomically) with its weights in
+/// `ty` (F32, F16, BF16, Q8_0, Q4_0, Q4_K or Q6_K); `progress` is called after each tensor.
+pub fn export_gguf(
+    dir: &Path,
     out: &Path,
-    dtype: OutDtype,
+    ty: GgmlType,
     overwrite: bool,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<ImportReport, ModelError> {
-    let err = |m: String| ModelError::new(src, m);
+) -> Result<ExportReport, ModelError> {
     if out.exists() && !overwrite {
         return Err(ModelError::new(
             out,
-            "output directory already exists (pass --overwrite to replace it)",
+            "output file already exists (pass --overwrite to replace it)",
         ));
     }
-    let file = GgufFile::open(src).map_err(err)?;
-    let config_json = hf_config(&file, dtype).map_err(err)?;
-    let config = ModelConfig::from_json_str(&config_json.to_string())
-        .map_err(|m| err(format!("metadata describes an invalid model: {m}")))?;
-    let tokenizer = build_tokenizer(&file).map_err(err)?;
-
-    let mut names: HashMap<String, &TensorInfo> = HashMap::new();
-    let mut source_types = BTreeMap::new();
-    for t in &file.tensors {
-        if names.insert(t.name.clone(), t).is_some() {
-            return Err(err(format!("tensor `{}` appears twice", t.name)));
-        }
-        *source_types
-            .entry(format!("{:?}", t.ggml_type))
-            .or_insert(0) += 1;
+    if !ty.encodable() {
+        return Err(ModelError::new(
+            out,
+            format!("cannot write {} tensors", ty.name()),
+        ));
     }
-    let mut converted = Vec::with_capacity(file.tensors.len());
-    let total = file.tensors.len();
-    for (i, info) in file.tensors.iter().enumerate() {
-        let (name, shape, values) = convert_tensor(&file, info, &config).map_err(err)?;
-        converted.push((name, shape, encode(&values, dtype)));
-        progress(i + 1, total);
-    }
-    // Every tensor transformers will ask for must be there.
-    let have: std::collections::HashSet<&str> =
-        converted.iter().map(|(n, _, _)| n.as_str()).collect();
-    let mut required_names = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-    ];
-    for l in 0..config.num_hidden_layers {
-        for part in [
-            "input_layernorm",
-            "post_attention_layernorm",
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ] {
-            required_names.push(format!("model.layers.{l}.{part}.weight"));
-        }
-    }
-    if let Some(missing) = required_names.iter().find(|n| !have.contains(n.as_str())) {
-        return Err(err(format!(
-            "tensor for `{missing}` is missing from the file"
+    let config_path = dir.join("config.json");
+    let c = ModelConfig::from_file(&config_path)?;
+    let bad = |m: String| ModelError::new(&config_path, m);
+    if !matches!(c.family, Family::Llama | Family::Mistral) {
+        return Err(bad(format!(
+            "model_type `{}`: GGUF export writes llama.cpp's `llama` architecture (llama and mistral models)",
+            c.family.model_type()
         )));
     }
-    let st_dtype = match dtype {
-        OutDtype::F32 => Dtype::F32,
-        OutDtype::BF16 => Dtype::BF16,
-        OutDtype::F16 => Dtype::F16,
+    if matches!(
+        c.rope_scaling,
+        Some(maskprune_model::RopeScaling::Llama3 { .. })
+    ) {
+        return Err(bad(
+            "llama3 rope scaling (llama.cpp's rope_freqs tensor) is not written yet".into(),
+        ));
+    }
+    let mut w = GgufWriter::default();
+    let name = dir
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    let u = |v: usize| MetaValue::Uint(v as u64);
+    w.meta("general.architecture", MetaValue::Str("llama".into()));
+    w.meta("general.name", MetaValue::Str(name));
+    w.meta("general.file_type", MetaValue::Uint(file_type(ty)));
+    if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+        w.meta("general.quantization_version", MetaValue::Uint(2));
+    }
+    w.meta("llama.context_length", u(c.max_position_embeddings));
+    w.meta("llama.embedding_length", u(c.hidden_size));
+    w.meta("llama.block_count", u(c.num_hidden_layers));
+    w.meta("llama.feed_forward_length", u(c.intermediate_size));
+    w.meta("llama.attention.head_count", u(c.num_attention_heads));
+    w.meta("llama.attention.head_count_kv", u(c.num_key_value_heads));
+    if c.head_dim * c.num_attention_heads != c.hidden_size {
+        w.meta("llama.attention.key_length", u(c.head_dim));
+        w.meta("llama.attention.value_length", u(c.head_dim));
+    }
+    w.meta("llama.rope.dimension_count", u(c.head_dim));
+    w.meta("llama.rope.freq_base", MetaValue::Float(c.rope_theta));
+    if let Some(maskprune_model::RopeScaling::Linear { factor }) = &c.rope_scaling {
+        w.meta("llama.rope.scaling.type", MetaValue::Str("linear".into()));
+        w.meta("llama.rope.scaling.factor", MetaValue::Float(*factor));
+    }
+    w.meta(
+        "llama.attention.layer_norm_rms_epsilon",
+        MetaValue::Float(c.rms_norm_eps),
+    );
+    w.meta("llama.vocab_size", u(c.vocab_size));
+    tokenizer_metadata(dir, &c, &mut w)?;
+
+    let store = WeightStore::open(dir)?;
+    let names: Vec<String> = store.names().into_iter().map(String::from).collect();
+    let mut report = ExportReport {
+        tensors: 0,
+        bytes: 0,
+        types: BTreeMap::new(),
+        fallbacks: Vec::new(),
     };
-    let params: usize = converted
-        .iter()
-        .map(|(_, s, _)| s.iter().product::<usize>())
-        .sum();
-    let generation = json!({
-        "_from_model_config": true,
-        "bos_token_id": config_json["bos_token_id"],
-        "eos_token_id": config_json["eos_token_id"],
-    });
-    let provenance = json!({
-        "source": src.file_name().map(|n| n.to_string_lossy().into_owned()),
-        "gguf_version": file.version,
-        "source_tensor_types": source_types,
-        "general.name": file.get("general.name").and_then(MetaValue::as_str),
-        "dtype": dtype.torch_name(),
-        "tool": concat!("maskprune ", env!("CARGO_PKG_VERSION")),
-    });
-    write_dir_atomically(out, overwrite, |dir| {
-        let views: Vec<(String, TensorView)> = converted
+    for (done, hf) in names.iter().enumerate() {
+        progress(done, names.len());
+        let gguf = gguf_name(hf, c.num_hidden_layers).ok_or_else(|| {
+            ModelError::new(dir, format!("tensor `{hf}` has no llama.cpp equivalent"))
+        })?;
+        if gguf == "output.weight" && c.tie_word_embeddings {
+            continue;
+        }
+        let shape = store.shape(hf).expect("a listed tensor").to_vec();
+        let mut values = store.read_f32(hf, &shape)?;
+        let cols = if shape.len() == 1 {
+            1
+        } else {
+            shape[shape.len() - 1]
+        };
+        if gguf.contains(".attn_q.") {
+            values = permute_rows(&values, c.num_attention_heads, cols);
+        } else if gguf.contains(".attn_k.") {
+            values = permute_rows(&values, c.num_key_value_heads, cols);
+        }
+        let t = tensor_type(ty, &shape);
+        if t != ty && shape.len() >= 2 {
+            report.fallbacks.push((gguf.clone(), t));
+        }
+        *report.types.entry(t.name().to_string()).or_default() += 1;
+        w.tensor(&gguf, &shape, t, quantize(t, &values));
+        report.tensors += 1;
+    }
+    if !report.fallbacks.is_empty() {
+        let list = report
+            .fallbacks
             .iter()
-            .map(|(n, s, b)| {
-                TensorView::new(st_dtype, s.clone(), b)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| ModelError::new(dir, format!("tensor `{n}`: {e}")))
-            })
-            .collect::<Result<_, _>>()?;
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let st_path = dir.join("model.safetensors");
-        safetensors::serialize_to_file(views, Some(meta), &st_path)
-            .map_err(|e| ModelError::new(&st_path, format!("cannot write: {e}")))?;
-        let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON values serialise");
-        write_file_atomically(&dir.join("config.json"), &pretty(&config_json))?;
-        write_file_atomically(&dir.join("generation_config.json"), &pretty(&generation))?;
-        write_file_atomically(
-            &dir.join("tokenizer.json"),
-            &serde_json::to_vec(&tokenizer.tokenizer).expect("JSON"),
-        )?;
-        write_file_atomically(
-            &dir.join("tokenizer_config.json"),
-            &pretty(&tokenizer.tokenizer_config),
-        )?;
-        write_file_atomically(&dir.join("maskprune_import.json"), &pretty(&provenance))?;
-        Ok(())
-    })?;
-    Ok(ImportReport {
-        tensors: converted.len(),
-        params,
-        source_types,
-        config: config_json,
-    })
+            .map(|(n, t)| MetaValue::Str(format!("{n}={}", t.name())))
+            .collect();
+        w.meta("maskprune.fallback_tensors", MetaValue::Array(list));
+    }
+    let bytes = w.to_bytes();
+    report.bytes = bytes.len();
+    write_file_atomically(out, &bytes)?;
+    Ok(report)
+}
+
+/// The tokenizer's GGUF metadata from `tokenizer.json` (byte-level BPE) and
+/// `tokenizer_config.json` (special tokens, chat template).
+fn tokenizer_metadata(dir: &Path, c: &ModelConfig, w: &mut GgufWriter) -> Result<(), ModelError> {
+    let path = dir.join("tokenizer.json");
+    let read = |p: &Path| -> Result<Value, ModelError> {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| ModelError::new(p, format!("cannot read: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| ModelError::new(p, format!("invalid JSON: {e}")))
+    };
+    let tokenizer = read(&path)?;
+    let config_path = dir.join("tokenizer_config.json");
+    let config = if config_path.is_file() {
+        read(&config_path)?
+    } else {
+        Value::Null
+    };
+    let bad = |m: String| ModelError::new(&path, m);
+    let model = &tokenizer["model"];
+    if model["type"] != "BPE" || model["byte_fallback"] == true {
+        return Err(bad(
+            "only byte-level BPE tokenizers (llama.cpp's `gpt2` model) are exported".into(),
+        ));
+    }
+    let pre = match config["gguf_pre_tokenizer"].as_str() {
+        Some(p) => p.to_string(),
+        None => pre_tokenizer_name(&tokenizer["pre_tokenizer"]).map_err(bad)?,
+    };
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| bad("no `model.vocab`".into()))?;
+    let mut tokens = vec![None; c.vocab_size];
+    let mut types = vec![1u64; c.vocab_size]; // normal
+    for (token, id) in vocab {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| bad(format!("token `{token}` has no id")))? as usize;
+        if id < tokens.len() {
+            tokens[id] = Some(token.clone());
+        }
+    }
+    for added in tokenizer["added_tokens"].as_array().into_iter().flatten() {
+        let id = added["id"].as_u64().unwrap_or(u64::MAX) as usize;
+        if let (Some(slot), Some(content)) = (tokens.get_mut(id), added["content"].as_str()) {
+            *slot = Some(content.to_string());
+            // control (special) or user-defined
+            types[id] = if added["special"] == true { 3 } else { 4 };
+        }
+    }
+    // Ids the vocabulary leaves empty (a padded embedding matrix) get placeholders.
+    for (id, t) in tokens.iter_mut().enumerate() {
+        if t.is_none() {
+            *t = Some(format!("[PAD{id}]"));
+            types[id] = 5; // unused
+        }
+    }
+    let merges: Vec<MetaValue> = model["merges"]
+        .as_array()
+        .ok_or_else(|| bad("no `model.merges`".into()))?
+        .iter()
+        .map(|m| match m {
+            Value::String(s) => Ok(MetaValue::Str(s.clone())),
+            Value::Array(pair) if pair.len() == 2 => Ok(MetaValue::Str(format!(
+                "{} {}",
+                pair[0].as_str().unwrap_or_default(),
+                pair[1].as_str().unwrap_or_default()
+            ))),
+            other => Err(bad(format!("merge {other} is neither \"a b\" nor [a, b]"))),
+        })
+        .collect::<Result<_, _>>()?;
+    w.meta("tokenizer.ggml.model", MetaValue::Str("gpt2".into()));
+    w.meta("tokenizer.ggml.pre", MetaValue::Str(pre));
+    w.meta(
+        "tokenizer.ggml.tokens",
+        MetaValue::Array(
+            tokens
+                .into_iter()
+                .map(|t| MetaValue::Str(t.expect("filled")))
+                .collect(),
+        ),
+    );
+    w.meta(
+        "tokenizer.ggml.token_type",
+        MetaValue::Array(
+            types
+                .into_iter()
+                .map(|t| MetaValue::Int(t as i64))
+                .collect(),
+        ),
+    );
+    w.meta("tokenizer.ggml.merges", MetaValue::Array(merges));
+    let token_id = |key: &str| -> Option<u64> {
+        let content = match &config[key] {
+            Value::String(s) => Some(s.as_str()),
+            v => v["content"].as_str(),
+        }?;
+        vocab.get(content).and_then(Value::as_u64).or_else(|| {
+            tokenizer["added_tokens"]
+                .as_array()?
+                .iter()
+                .find(|a| a["content"] == content)?["id"]
+                .as_u64()
+        })
+    };
+    let bos = c
+        .bos_token_id
+        .map(u64::from)
+        .or_else(|| token_id("bos_token"));
+    let eos = c
+        .eos_token_ids
+        .first()
+        .map(|&e| e as u64)
+        .or_else(|| token_id("eos_token"));
+    for (key, id) in [
+        ("tokenizer.ggml.bos_token_id", bos),
+        ("tokenizer.ggml.eos_token_id", eos),
+        ("tokenizer.ggml.unknown_token_id", token_id("unk_token")),
+        ("tokenizer.ggml.padding_token_id", token_id("pad_token")),
+    ] {
+        if let Some(id) = id {
+            w.meta(key, MetaValue::Uint(id));
+        }
+    }
+    if let Some(add) = config["add_bos_token"].as_bool() {
+        w.meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(add));
+    }
+    if let Some(template) = config["chat_template"].as_str() {
+        w.meta("tokenizer.chat_template", MetaValue::Str(template.into()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -433,38 +372,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_map_to_transformers() {
-        assert_eq!(
-            hf_tensor_name("blk.3.attn_output.weight").unwrap(),
-            "model.layers.3.self_attn.o_proj.weight"
-        );
-        assert_eq!(
-            hf_tensor_name("blk.0.ffn_norm.weight").unwrap(),
-            "model.layers.0.post_attention_layernorm.weight"
-        );
-        assert_eq!(
-            hf_tensor_name("token_embd.weight").unwrap(),
-            "model.embed_tokens.weight"
-        );
-        assert!(hf_tensor_name("blk.x.attn_q.weight").is_none());
-        assert!(hf_tensor_name("rope_freqs.weight").is_none());
+    fn permutation_inverts_the_imports() {
+        let x: Vec<f32> = (0..2 * 8 * 3).map(|v| v as f32).collect(); // 2 heads of 8 rows, 3 cols
+        let there = permute_rows(&x, 2, 3);
+        assert_ne!(there, x);
+        assert_eq!(crate::import::unpermute_rows(&there, 2, 3), x);
     }
 
     #[test]
-    fn unpermute_inverts_llama_cpp_permute() {
-        // llama.cpp: w.reshape(heads, d/2, 2, cols)... is the inverse of HF row p*(d/2)+i -> 2i+p.
-        let (heads, d, cols) = (2, 4, 3);
-        let hf: Vec<f32> = (0..heads * d * cols).map(|v| v as f32).collect();
-        let mut gguf = vec![0.0f32; hf.len()];
-        for h in 0..heads {
-            for p in 0..2 {
-                for i in 0..d / 2 {
-                    let src = (h * d + p * (d / 2) + i) * cols;
-                    let dst = (h * d + 2 * i + p) * cols;
-                    gguf[dst..dst + cols].copy_from_slice(&hf[src..src + cols]);
-                }
-            }
+    fn names_map_both_ways() {
+        for g in [
+            "token_embd.weight",
+            "output.weight",
+            "blk.3.attn_q.weight",
+            "blk.0.ffn_down.weight",
+            "blk.1.attn_k.bias",
+        ] {
+            let hf = hf_tensor_name(g).unwrap();
+            assert_eq!(gguf_name(&hf, 4).as_deref(), Some(g), "{hf}");
         }
-        assert_eq!(unpermute_rows(&gguf, heads, cols), hf);
+        assert_eq!(gguf_name("model.layers.9.mlp.up_proj.weight", 4), None);
+    }
+
+    #[test]
+    fn rows_that_do_not_fill_blocks_fall_back() {
+        assert_eq!(tensor_type(GgmlType::Q4K, &[1536, 576]), GgmlType::Q8_0);
+        assert_eq!(tensor_type(GgmlType::Q4K, &[576, 1536]), GgmlType::Q4K);
+        assert_eq!(tensor_type(GgmlType::Q8_0, &[10, 20]), GgmlType::F16);
+        assert_eq!(tensor_type(GgmlType::Q8_0, &[576]), GgmlType::F32);
+        assert_eq!(tensor_type(GgmlType::BF16, &[3, 5]), GgmlType::BF16);
     }
 }

@@ -43,6 +43,18 @@ fn pre_tokenizer(pre: &str) -> Result<Value, String> {
     })
 }
 
+/// The `tokenizer.ggml.pre` value whose pre-tokenizer is `pre` (a `tokenizer.json`'s
+/// `pre_tokenizer`): the inverse of [`pre_tokenizer`] over the names it knows.
+pub fn pre_tokenizer_name(pre: &Value) -> Result<String, String> {
+    ["default", "smollm", "llama-bpe", "qwen2"]
+        .into_iter()
+        .find(|name| pre_tokenizer(name).is_ok_and(|p| &p == pre))
+        .map(String::from)
+        .ok_or_else(|| {
+            format!("a pre-tokenizer llama.cpp has no name for: {pre} (give it as `gguf_pre_tokenizer` in tokenizer_config.json)")
+        })
+}
+
 fn strings<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, String> {
     file.get(key)
         .and_then(MetaValue::as_array)
