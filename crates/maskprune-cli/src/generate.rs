@@ -65,6 +65,10 @@ pub struct GenerateArgs {
     /// Also write the prompt's and the new tokens' ids, the text and the timings as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also write the logits at every prompt position (raw little-endian f32,
+    /// `[prompt tokens, vocab]`), to compare with another runtime.
+    #[arg(long)]
+    logits: Option<PathBuf>,
     #[command(flatten)]
     run: RunOptions,
 }
@@ -171,6 +175,13 @@ impl BackendJob for GenerateJob {
             .to_vec();
         anyhow::ensure!(!prompt.is_empty(), "the prompt encodes to no tokens");
         let model = Llama::<B>::load(&dir, &device)?;
+        if let Some(p) = &a.logits {
+            let ids: Vec<&[u32]> = vec![&prompt];
+            let logits = model.forward(maskprune_eval::perplexity::token_tensor(&ids, &device))?;
+            let values: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32");
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            write_file_atomically(p, &bytes)?;
+        }
         let mut stream = Stream {
             tokenizer: &tokenizer,
             ids: Vec::new(),
