@@ -4,8 +4,9 @@
 # query_head: a short training run; both keep every head) and two one-shot models with pruned
 # heads as GGUF in f32, f16 and q8_0, load each file with
 # llama-cpp-python built from source, and compare llama.cpp's logits and greedy tokens with
-# maskprune's on the same file (scripts/llamacpp_compare.py). Writes
-# results/llamacpp-check.json and results/llamacpp-check.md.
+# maskprune's on the same file (scripts/llamacpp_compare.py); then the tiny llama, mistral and
+# qwen2 fixtures against transformers' logits (scripts/llamacpp_fixtures.py). Writes
+# results/llamacpp-check.{json,md} and results/llamacpp-fixtures.{json,md}.
 #
 #   scripts/llamacpp-check.sh                 # ~20 min on 2 cores, most of it compiling llama.cpp
 #
@@ -92,6 +93,9 @@ for name in dense kv_group-50 query_head-50 magnitude-kv_group-heads magnitude-q
     reports+=("$WORK/$name.$type.json")
   done
 done
+
+# Every family we load, on its tiny fixture, against transformers' logits.
+"$VENV/bin/python" scripts/llamacpp_fixtures.py "$BIN" "$WORK"
 
 "$VENV/bin/python" - "$("$BIN" --version)" "${reports[@]}" <<'EOF'
 import json, os, sys

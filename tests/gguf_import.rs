@@ -177,6 +177,31 @@ fn gguf_parser_reads_the_fixture_metadata() {
 }
 
 #[test]
+fn qwen2_exports_as_its_own_architecture_and_imports_back() {
+    // llama.cpp's `qwen2`: q/k/v biases, rows in Hugging Face's order (no rotary permutation).
+    let worst = export_round_trip(
+        &fixtures().join("tiny-qwen2"),
+        &[(GgmlType::F32, 0.0), (GgmlType::Q8_0, 1e-2)],
+    );
+    eprintln!("largest relative RMS error per type: {worst:?}");
+    let scratch = scratch("export-qwen2-arch");
+    let out = scratch.join("tiny-qwen2.gguf");
+    maskprune_gguf::export_gguf(
+        &fixtures().join("tiny-qwen2"),
+        &out,
+        GgmlType::F32,
+        false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let file = maskprune_gguf::GgufFile::open(&out).unwrap();
+    let arch = file.get("general.architecture").and_then(|v| v.as_str());
+    assert_eq!(arch, Some("qwen2"));
+    assert!(file.get("qwen2.block_count").is_some());
+    assert!(file.tensors.iter().any(|t| t.name == "blk.0.attn_q.bias"));
+}
+
+#[test]
 fn exported_gguf_imports_back_within_each_types_precision() {
     let worst = export_round_trip(
         &fixtures().join("tiny-llama"),

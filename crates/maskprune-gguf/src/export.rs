@@ -1,16 +1,17 @@
-//! Hugging Face directory to GGUF as llama.cpp reads it: the `llama` architecture's metadata
-//! (with the pruned shapes: `attention.key_length` / `value_length` when `head_dim` is not
-//! `hidden / heads`, `rope.dimension_count = head_dim`, the KV heads, the feed-forward
-//! length), the byte-level BPE tokenizer rebuilt from `tokenizer.json` and the chat template,
-//! q/k rows permuted into llama.cpp's rotary layout, and the weights encoded as asked. A
-//! tensor whose rows do not fill the type's blocks falls back to a type whose blocks they
-//! fill; the file lists those in `maskprune.fallback_tensors`.
+//! Hugging Face directory to GGUF as llama.cpp reads it: the `llama` (llama, mistral) or
+//! `qwen2` architecture's metadata (with the pruned shapes: `attention.key_length` /
+//! `value_length` when `head_dim` is not `hidden / heads`, `rope.dimension_count = head_dim`,
+//! the KV heads, the feed-forward length), the byte-level BPE tokenizer rebuilt from
+//! `tokenizer.json` and the chat template, q/k rows permuted into llama.cpp's rotary layout
+//! (`llama` only), and the weights encoded as asked. A tensor whose rows do not fill the
+//! type's blocks falls back to a type whose blocks they fill; the file lists those in
+//! `maskprune.fallback_tensors`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use maskprune_model::output::write_file_atomically;
-use maskprune_model::{Family, ModelConfig, ModelError, WeightStore};
+use maskprune_model::{ModelConfig, ModelError, WeightStore};
 use serde_json::Value;
 
 use crate::import::hf_tensor_name;
@@ -136,12 +137,9 @@ pub fn export_gguf(
     let config_path = dir.join("config.json");
     let c = ModelConfig::from_file(&config_path)?;
     let bad = |m: String| ModelError::new(&config_path, m);
-    if !matches!(c.family, Family::Llama | Family::Mistral) {
-        return Err(bad(format!(
-            "model_type `{}`: GGUF export writes llama.cpp's `llama` architecture (llama and mistral models)",
-            c.family.model_type()
-        )));
-    }
+    let arch = c.family.gguf_architecture();
+    // The architecture's own metadata keys: `llama.block_count`, `qwen2.block_count`, ...
+    let key = |k: &str| format!("{arch}.{k}");
     if matches!(
         c.rope_scaling,
         Some(maskprune_model::RopeScaling::Llama3 { .. })
@@ -157,33 +155,33 @@ pub fn export_gguf(
         .to_string_lossy()
         .to_string();
     let u = |v: usize| MetaValue::Uint(v as u64);
-    w.meta("general.architecture", MetaValue::Str("llama".into()));
+    w.meta("general.architecture", MetaValue::Str(arch.into()));
     w.meta("general.name", MetaValue::Str(name));
     w.meta("general.file_type", MetaValue::Uint(file_type(ty)));
     if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
         w.meta("general.quantization_version", MetaValue::Uint(2));
     }
-    w.meta("llama.context_length", u(c.max_position_embeddings));
-    w.meta("llama.embedding_length", u(c.hidden_size));
-    w.meta("llama.block_count", u(c.num_hidden_layers));
-    w.meta("llama.feed_forward_length", u(c.intermediate_size));
-    w.meta("llama.attention.head_count", u(c.num_attention_heads));
-    w.meta("llama.attention.head_count_kv", u(c.num_key_value_heads));
+    w.meta(&key("context_length"), u(c.max_position_embeddings));
+    w.meta(&key("embedding_length"), u(c.hidden_size));
+    w.meta(&key("block_count"), u(c.num_hidden_layers));
+    w.meta(&key("feed_forward_length"), u(c.intermediate_size));
+    w.meta(&key("attention.head_count"), u(c.num_attention_heads));
+    w.meta(&key("attention.head_count_kv"), u(c.num_key_value_heads));
     if c.head_dim * c.num_attention_heads != c.hidden_size {
-        w.meta("llama.attention.key_length", u(c.head_dim));
-        w.meta("llama.attention.value_length", u(c.head_dim));
+        w.meta(&key("attention.key_length"), u(c.head_dim));
+        w.meta(&key("attention.value_length"), u(c.head_dim));
     }
-    w.meta("llama.rope.dimension_count", u(c.head_dim));
-    w.meta("llama.rope.freq_base", MetaValue::Float(c.rope_theta));
+    w.meta(&key("rope.dimension_count"), u(c.head_dim));
+    w.meta(&key("rope.freq_base"), MetaValue::Float(c.rope_theta));
     if let Some(maskprune_model::RopeScaling::Linear { factor }) = &c.rope_scaling {
-        w.meta("llama.rope.scaling.type", MetaValue::Str("linear".into()));
-        w.meta("llama.rope.scaling.factor", MetaValue::Float(*factor));
+        w.meta(&key("rope.scaling.type"), MetaValue::Str("linear".into()));
+        w.meta(&key("rope.scaling.factor"), MetaValue::Float(*factor));
     }
     w.meta(
-        "llama.attention.layer_norm_rms_epsilon",
+        &key("attention.layer_norm_rms_epsilon"),
         MetaValue::Float(c.rms_norm_eps),
     );
-    w.meta("llama.vocab_size", u(c.vocab_size));
+    w.meta(&key("vocab_size"), u(c.vocab_size));
     tokenizer_metadata(dir, &c, &mut w)?;
 
     let store = WeightStore::open(dir)?;
@@ -209,9 +207,11 @@ pub fn export_gguf(
         } else {
             shape[shape.len() - 1]
         };
-        if gguf.contains(".attn_q.") {
+        // llama.cpp's `llama` rotary layout; qwen2 keeps Hugging Face's row order.
+        let permuted = c.family.gguf_permutes_qk();
+        if permuted && gguf.contains(".attn_q.") {
             values = permute_rows(&values, c.num_attention_heads, cols);
-        } else if gguf.contains(".attn_k.") {
+        } else if permuted && gguf.contains(".attn_k.") {
             values = permute_rows(&values, c.num_key_value_heads, cols);
         }
         let t = tensor_type(ty, &shape);

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use maskprune_model::output::{write_dir_atomically, write_file_atomically};
-use maskprune_model::{ModelConfig, ModelError};
+use maskprune_model::{Family, ModelConfig, ModelError};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
@@ -113,61 +113,61 @@ fn required(file: &GgufFile, key: &str) -> Result<u64, String> {
     meta_u64(file, key)?.ok_or_else(|| format!("metadata `{key}` is missing"))
 }
 
-/// The `config.json` a LLaMA GGUF describes.
+/// The `config.json` a GGUF of a supported architecture (`llama`, `qwen2`) describes.
 pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
     let arch = file
         .get("general.architecture")
         .and_then(MetaValue::as_str)
         .ok_or("metadata `general.architecture` is missing")?;
-    if arch != "llama" {
-        return Err(format!(
-            "architecture \"{arch}\" is not supported (only \"llama\")"
-        ));
-    }
+    let family = Family::from_gguf_architecture(arch).ok_or_else(|| {
+        format!("architecture \"{arch}\" is not supported (only \"llama\" and \"qwen2\")")
+    })?;
+    // The architecture's own metadata keys: `llama.block_count`, `qwen2.block_count`, ...
+    let key = |k: &str| format!("{arch}.{k}");
     if file.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
         return Err(
             "tensor `rope_freqs.weight` (llama3 rope scaling stored as a tensor) is not supported"
                 .into(),
         );
     }
-    let hidden = required(file, "llama.embedding_length")?;
-    let heads = required(file, "llama.attention.head_count")?;
-    let kv_heads = meta_u64(file, "llama.attention.head_count_kv")?.unwrap_or(heads);
-    let head_dim = match meta_u64(file, "llama.attention.key_length")? {
+    let hidden = required(file, &key("embedding_length"))?;
+    let heads = required(file, &key("attention.head_count"))?;
+    let kv_heads = meta_u64(file, &key("attention.head_count_kv"))?.unwrap_or(heads);
+    let head_dim = match meta_u64(file, &key("attention.key_length"))? {
         Some(k) => k,
-        None => meta_u64(file, "llama.rope.dimension_count")?
+        None => meta_u64(file, &key("rope.dimension_count"))?
             .unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
     };
     let n_tokens = file
         .get("tokenizer.ggml.tokens")
         .and_then(MetaValue::as_array)
         .map(|a| a.len() as u64);
-    let vocab = match meta_u64(file, "llama.vocab_size")? {
+    let vocab = match meta_u64(file, &key("vocab_size"))? {
         Some(v) => v,
-        None => {
-            n_tokens.ok_or("neither `llama.vocab_size` nor `tokenizer.ggml.tokens` is present")?
-        }
+        None => n_tokens.ok_or_else(|| {
+            format!("neither `{arch}.vocab_size` nor `tokenizer.ggml.tokens` is present")
+        })?,
     };
     let eps = file
-        .get("llama.attention.layer_norm_rms_epsilon")
+        .get(&key("attention.layer_norm_rms_epsilon"))
         .and_then(MetaValue::as_f64)
-        .ok_or("metadata `llama.attention.layer_norm_rms_epsilon` is missing")?;
+        .ok_or_else(|| format!("metadata `{arch}.attention.layer_norm_rms_epsilon` is missing"))?;
     // GGUF stores the epsilon as f32; print it as the decimal it was written from.
     let eps: f64 = format!("{}", eps as f32).parse().unwrap_or(eps);
     let theta = file
-        .get("llama.rope.freq_base")
+        .get(&key("rope.freq_base"))
         .and_then(MetaValue::as_f64)
         .unwrap_or(10000.0);
     let rope_scaling = match file
-        .get("llama.rope.scaling.type")
+        .get(&key("rope.scaling.type"))
         .and_then(MetaValue::as_str)
     {
         None | Some("none") => Value::Null,
         Some("linear") => {
             let factor = file
-                .get("llama.rope.scaling.factor")
+                .get(&key("rope.scaling.factor"))
                 .and_then(MetaValue::as_f64)
-                .ok_or("metadata `llama.rope.scaling.factor` is missing")?;
+                .ok_or_else(|| format!("metadata `{arch}.rope.scaling.factor` is missing"))?;
             json!({"rope_type": "linear", "factor": factor})
         }
         Some(other) => return Err(format!("rope scaling type \"{other}\" is not supported")),
@@ -180,16 +180,16 @@ pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
             .any(|t| t.name.ends_with(&format!("{part}.bias")))
     };
     Ok(json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.architecture()],
+        "model_type": family.model_type(),
         "hidden_size": hidden,
-        "intermediate_size": required(file, "llama.feed_forward_length")?,
-        "num_hidden_layers": required(file, "llama.block_count")?,
+        "intermediate_size": required(file, &key("feed_forward_length"))?,
+        "num_hidden_layers": required(file, &key("block_count"))?,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": meta_u64(file, "llama.context_length")?.unwrap_or(2048),
+        "max_position_embeddings": meta_u64(file, &key("context_length"))?.unwrap_or(2048),
         "rms_norm_eps": eps,
         "rope_theta": theta,
         "rope_scaling": rope_scaling,
@@ -289,13 +289,15 @@ fn convert_tensor(
         ));
     }
     let cols = *shape.last().unwrap_or(&1);
-    if info.name.contains(".attn_q.") {
+    // llama.cpp's `llama` rotary layout; qwen2 keeps Hugging Face's row order.
+    let permuted = config.family.gguf_permutes_qk();
+    if permuted && info.name.contains(".attn_q.") {
         values = unpermute_rows(
             &values,
             config.num_attention_heads,
             if shape.len() == 1 { 1 } else { cols },
         );
-    } else if info.name.contains(".attn_k.") {
+    } else if permuted && info.name.contains(".attn_k.") {
         values = unpermute_rows(
             &values,
             config.num_key_value_heads,

@@ -54,6 +54,30 @@ impl Family {
         }
     }
 
+    /// llama.cpp's GGUF architecture for this family (mistral models are written as `llama`).
+    pub fn gguf_architecture(self) -> &'static str {
+        match self {
+            Family::Llama | Family::Mistral => "llama",
+            Family::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The family a GGUF architecture imports as, or `None` when unsupported.
+    pub fn from_gguf_architecture(arch: &str) -> Option<Self> {
+        match arch {
+            "llama" => Some(Family::Llama),
+            "qwen2" => Some(Family::Qwen2),
+            _ => None,
+        }
+    }
+
+    /// Whether llama.cpp stores this family's q/k rows interleaved per head (its `llama`
+    /// rotary layout, which the converters permute into) rather than in Hugging Face's
+    /// half-split order (`qwen2`: NEOX-style rotary, rows as they are).
+    pub fn gguf_permutes_qk(self) -> bool {
+        !matches!(self, Family::Qwen2)
+    }
+
     /// Which linear layers carry biases, read the way transformers reads this family's config.
     pub fn biases(self, fields: &Map<String, Value>) -> Result<Biases, String> {
         let flag = |key: &str| -> Result<bool, String> {
