@@ -9,6 +9,7 @@ use maskprune_eval::{generate, ChatTemplate, Message, Sampling};
 use maskprune_model::output::write_file_atomically;
 use maskprune_model::{load_tokenizer, Kernels, Llama, ModelConfig};
 use serde_json::json;
+use tokenizers::Tokenizer;
 
 use crate::backend::{dispatch, BackendJob};
 use crate::{progress, RunOptions};
@@ -146,6 +147,14 @@ impl Stream<'_> {
     }
 }
 
+/// The model directory (a GGUF file imported once), its config and its tokenizer.
+fn open_model(model: &Path) -> anyhow::Result<(PathBuf, ModelConfig, Tokenizer)> {
+    let dir = model_dir(model)?;
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let tokenizer = load_tokenizer(&dir, &config)?;
+    Ok((dir, config, tokenizer))
+}
+
 struct GenerateJob(GenerateArgs);
 
 impl BackendJob for GenerateJob {
@@ -153,9 +162,7 @@ impl BackendJob for GenerateJob {
     fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<()> {
         let a = self.0;
         let sampling = a.sampling.sampling()?;
-        let dir = model_dir(&a.model)?;
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let tokenizer = load_tokenizer(&dir, &config)?;
+        let (dir, config, tokenizer) = open_model(&a.model)?;
         let text = if a.chat {
             let template = ChatTemplate::load(&dir).map_err(anyhow::Error::msg)?;
             let user = Message {
@@ -239,9 +246,7 @@ impl BackendJob for ChatJob {
     fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<()> {
         let a = self.0;
         let sampling = a.sampling.sampling()?;
-        let dir = model_dir(&a.model)?;
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let tokenizer = load_tokenizer(&dir, &config)?;
+        let (dir, config, tokenizer) = open_model(&a.model)?;
         let template = ChatTemplate::load(&dir).map_err(anyhow::Error::msg)?;
         let model = Llama::<B>::load(&dir, &device)?;
         let mut messages: Vec<Message> = a

@@ -31,29 +31,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => OutDtype::F32,
     };
     let start = Instant::now();
-    let pb = progress::bar("import", 0, "tensors");
-    let report = import_gguf(
-        &args.gguf,
-        &args.out,
-        dtype,
-        args.overwrite,
-        &mut |done, total| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-        },
-    )?;
-    pb.finish_and_clear();
-    let types: Vec<String> = report
-        .source_types
-        .iter()
-        .map(|(k, v)| format!("{v} {k}"))
-        .collect();
+    let report = with_tensor_bar("import", |progress| {
+        import_gguf(&args.gguf, &args.out, dtype, args.overwrite, progress)
+    })?;
+    let types = type_counts(&report.source_types);
     println!(
         "imported {} -> {} ({} tensors [{}], {} parameters, {}) in {:.1}s",
         args.gguf.display(),
         args.out.display(),
         report.tensors,
-        types.join(", "),
+        types,
         report.params,
         dtype.torch_name(),
         start.elapsed().as_secs_f64()
@@ -89,29 +76,16 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         _ => GgmlType::F16,
     };
     let start = Instant::now();
-    let pb = progress::bar("export", 0, "tensors");
-    let report = export_gguf(
-        &args.dir,
-        &args.out,
-        ty,
-        args.overwrite,
-        &mut |done, total| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-        },
-    )?;
-    pb.finish_and_clear();
-    let types: Vec<String> = report
-        .types
-        .iter()
-        .map(|(k, v)| format!("{v} {k}"))
-        .collect();
+    let report = with_tensor_bar("export", |progress| {
+        export_gguf(&args.dir, &args.out, ty, args.overwrite, progress)
+    })?;
+    let types = type_counts(&report.types);
     println!(
         "exported {} -> {} ({} tensors [{}], {:.1} MB) in {:.1}s{}",
         args.dir.display(),
         args.out.display(),
         report.tensors,
-        types.join(", "),
+        types,
         report.bytes as f64 / 1e6,
         start.elapsed().as_secs_f64(),
         if report.fallbacks.is_empty() {
@@ -133,4 +107,26 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// Runs a conversion with a progress bar over its tensors.
+fn with_tensor_bar<T>(label: &str, run: impl FnOnce(&mut dyn FnMut(usize, usize)) -> T) -> T {
+    let pb = progress::bar(label, 0, "tensors");
+    let out = run(&mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    });
+    pb.finish_and_clear();
+    out
+}
+
+/// "61 f32, 211 q8_0": tensors per type.
+fn type_counts<K: std::fmt::Display, V: std::fmt::Display>(
+    counts: &std::collections::BTreeMap<K, V>,
+) -> String {
+    counts
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -65,20 +65,7 @@ fn tensor_type(asked: GgmlType, shape: &[usize]) -> GgmlType {
 /// [`crate::import::unpermute_rows`]): within each head, HF row `p * (d/2) + i` becomes row
 /// `2i + p`.
 pub fn permute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = data.len() / cols;
-    let d = rows / heads;
-    let half = d / 2;
-    let mut out = vec![0.0f32; data.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for p in 0..2 {
-                let src = (h * d + p * half + i) * cols;
-                let dst = (h * d + 2 * i + p) * cols;
-                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
-            }
-        }
-    }
-    out
+    crate::import::reorder_rotary_rows(data, heads, cols, true)
 }
 
 /// The GGUF name of a Hugging Face LLaMA tensor.

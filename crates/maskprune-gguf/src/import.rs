@@ -83,6 +83,18 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 /// Undoes llama.cpp's q/k row permutation: within each head, GGUF row `2i + p` is HF row
 /// `p * (d/2) + i` (transformers' `reverse_permute_weights`).
 pub fn unpermute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    reorder_rotary_rows(data, heads, cols, false)
+}
+
+/// Moves q/k rows between Hugging Face's half-split rotary order (HF row `p * (d/2) + i` of
+/// each head) and llama.cpp's interleaved one (row `2i + p`): to llama.cpp's when
+/// `to_interleaved`, back otherwise.
+pub(crate) fn reorder_rotary_rows(
+    data: &[f32],
+    heads: usize,
+    cols: usize,
+    to_interleaved: bool,
+) -> Vec<f32> {
     let rows = data.len() / cols;
     let d = rows / heads;
     let half = d / 2;
@@ -90,8 +102,13 @@ pub fn unpermute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     for h in 0..heads {
         for i in 0..half {
             for p in 0..2 {
-                let src = (h * d + 2 * i + p) * cols;
-                let dst = (h * d + p * half + i) * cols;
+                let split = (h * d + p * half + i) * cols;
+                let interleaved = (h * d + 2 * i + p) * cols;
+                let (src, dst) = if to_interleaved {
+                    (split, interleaved)
+                } else {
+                    (interleaved, split)
+                };
                 out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
             }
         }
