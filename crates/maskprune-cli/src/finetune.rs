@@ -174,8 +174,7 @@ impl AutodiffJob for Job<'_> {
             None => None,
         };
         let steps = self.config.train.steps;
-        let pb = progress::bar("finetune", steps, "steps");
-        let plain = progress::plain_log();
+        let bar = progress::StepBar::new("finetune", steps);
         let spec = FinetuneSpec {
             model_dir: &a.model,
             teacher_dir: a.teacher.as_deref(),
@@ -185,22 +184,15 @@ impl AutodiffJob for Job<'_> {
             resume: a.resume,
         };
         let summary = finetune(&student, teacher.as_ref(), &spec, &mut |r| {
-            pb.set_position(r.step);
             let distill = r
                 .distill
                 .map(|d| format!(" distill {d:.4}"))
                 .unwrap_or_default();
             let msg = format!("loss {:.4} ntp {:.4}{distill}", r.loss, r.ntp);
-            if plain && (r.step % 10 == 0 || r.step == r.steps) {
-                progress::info(format!(
-                    "finetune step {}/{}: {msg} ({:.1} s/step)",
-                    r.step, r.steps, r.seconds
-                ));
-            }
-            pb.set_message(msg);
+            bar.update(r.step, r.steps, r.seconds, msg);
         })
         .map_err(anyhow::Error::msg)?;
-        pb.finish_and_clear();
+        bar.finish();
         Ok(summary)
     }
 }
@@ -238,19 +230,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "lr": config.train.lr,
         "held_out_ntp": [summary.before.ntp, summary.after.ntp],
     });
-    let bar = progress::bar("merge", 0, "tensors");
-    maskprune_surgery::merge_adapters(
-        &a.model,
-        &run_dir.join(files::LORA),
-        &a.out,
-        a.overwrite,
-        recovery,
-        &mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-    )?;
-    bar.finish_and_clear();
+    progress::over_tensors("merge", |progress| {
+        maskprune_surgery::merge_adapters(
+            &a.model,
+            &run_dir.join(files::LORA),
+            &a.out,
+            a.overwrite,
+            recovery,
+            progress,
+        )
+    })?;
     println!(
         "recovered {} -> {}: {} updates, {} tokens in {:.0} s; held-out next-token loss {:.4} -> {:.4}{}",
         a.model.display(),

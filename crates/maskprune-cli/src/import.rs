@@ -31,7 +31,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => OutDtype::F32,
     };
     let start = Instant::now();
-    let report = with_tensor_bar("import", |progress| {
+    let report = progress::over_tensors("import", |progress| {
         import_gguf(&args.gguf, &args.out, dtype, args.overwrite, progress)
     })?;
     let types = type_counts(&report.source_types);
@@ -76,7 +76,7 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         _ => GgmlType::F16,
     };
     let start = Instant::now();
-    let report = with_tensor_bar("export", |progress| {
+    let report = progress::over_tensors("export", |progress| {
         export_gguf(&args.dir, &args.out, ty, args.overwrite, progress)
     })?;
     let types = type_counts(&report.types);
@@ -107,17 +107,6 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         }
     );
     Ok(())
-}
-
-/// Runs a conversion with a progress bar over its tensors.
-fn with_tensor_bar<T>(label: &str, run: impl FnOnce(&mut dyn FnMut(usize, usize)) -> T) -> T {
-    let pb = progress::bar(label, 0, "tensors");
-    let out = run(&mut |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    });
-    pb.finish_and_clear();
-    out
 }
 
 /// "61 f32, 211 q8_0": tensors per type.

@@ -291,20 +291,9 @@ pub fn apply_plan_with_bar(
     overwrite: bool,
     masked: bool,
 ) -> anyhow::Result<maskprune_surgery::SurgeryReport> {
-    let bar = progress::bar("surgery", 0, "tensors");
-    let report = apply_plan(
-        model,
-        plan,
-        lora,
-        out,
-        overwrite,
-        masked,
-        &mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-    )?;
-    bar.finish_and_clear();
+    let report = progress::over_tensors("surgery", |progress| {
+        apply_plan(model, plan, lora, out, overwrite, masked, progress)
+    })?;
     Ok(report)
 }
 

@@ -176,8 +176,7 @@ impl AutodiffJob for TrainJob {
         progress::info(format!("loading {} ...", self.model.display()));
         let model = Llama::<B>::load(&self.model, &device)?;
         let steps = self.config.train.steps;
-        let pb = progress::bar("train", steps, "steps");
-        let plain = progress::plain_log();
+        let bar = progress::StepBar::new("train", steps);
         let spec = RunSpec {
             model_dir: &self.model,
             config: &self.config,
@@ -187,7 +186,6 @@ impl AutodiffJob for TrainJob {
         };
         let dense = model.config.num_hidden_layers * model.config.layer_linear_params();
         let summary = train(&model, &spec, &mut |r| {
-            pb.set_position(r.step);
             let msg = format!(
                 "loss {:.4} s {:.2}/{:.0} sparsity {:.1}% (target {:.1}%)",
                 r.distill,
@@ -196,16 +194,10 @@ impl AutodiffJob for TrainJob {
                 100.0 * (1.0 - r.params_achieved / dense as f64),
                 100.0 * (1.0 - r.params_target / dense as f64)
             );
-            if plain && (r.step % 10 == 0 || r.step == r.steps) {
-                progress::info(format!(
-                    "train step {}/{}: {msg} ({:.1} s/step)",
-                    r.step, r.steps, r.seconds
-                ));
-            }
-            pb.set_message(msg);
+            bar.update(r.step, r.steps, r.seconds, msg);
         })
         .map_err(anyhow::Error::msg)?;
-        pb.finish_and_clear();
+        bar.finish();
         Ok(summary)
     }
 }

@@ -159,6 +159,23 @@ pub struct LoraSettings {
     pub targets: Vec<String>,
 }
 
+impl LoraSettings {
+    /// Every target must be a projection adapters can attach to.
+    pub(crate) fn check_targets(&self) -> Result<(), String> {
+        match self
+            .targets
+            .iter()
+            .find(|x| !LORA_TARGETS.contains(&x.as_str()))
+        {
+            Some(bad) => Err(format!(
+                "lora.targets: unknown projection `{bad}` (one of {})",
+                LORA_TARGETS.join(", ")
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Default for LoraSettings {
     fn default() -> Self {
         Self {
@@ -305,17 +322,7 @@ impl TrainConfig {
                 t.warmup_steps, t.steps
             ));
         }
-        if let Some(bad) = self
-            .lora
-            .targets
-            .iter()
-            .find(|x| !LORA_TARGETS.contains(&x.as_str()))
-        {
-            return Err(format!(
-                "lora.targets: unknown projection `{bad}` (one of {})",
-                LORA_TARGETS.join(", ")
-            ));
-        }
+        self.lora.check_targets()?;
         Ok(())
     }
 }

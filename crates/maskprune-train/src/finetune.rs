@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapters::Adapters;
 use crate::config::{parse_with_overrides, CalibrationConfig, LoraSettings, LORA_TARGETS};
-use crate::run::{batch_rows, err, split_calibration, truncate_log};
+use crate::run::{batch_rows, err, open_log, split_calibration, truncate_log};
 use crate::trainer::files;
 
 /// A recovery configuration (`--config` TOML, `--set section.key=value` overrides).
@@ -138,17 +138,7 @@ impl FinetuneConfig {
         if self.data.samples == 0 && !self.data.packed {
             return Err("data.samples = 0 takes every window only with data.packed = true".into());
         }
-        if let Some(bad) = self
-            .lora
-            .targets
-            .iter()
-            .find(|x| !LORA_TARGETS.contains(&x.as_str()))
-        {
-            return Err(format!(
-                "lora.targets: unknown projection `{bad}` (one of {})",
-                LORA_TARGETS.join(", ")
-            ));
-        }
+        self.lora.check_targets()?;
         if self.lora.targets.is_empty() {
             return Err("lora.targets is empty: nothing to train".into());
         }
@@ -259,11 +249,7 @@ pub fn finetune<B: TrainKernels>(
         (state, Adapters::new(c, &spec.config.lora, cfg.seed))
     };
     let log_path = spec.run_dir.join(files::LOG);
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| err(&log_path, format!("cannot open: {e}")))?;
+    let mut log = open_log(&log_path)?;
     let device = student.device();
     let seq_len = spec.data.seq_len as u64;
     while state.step < cfg.steps {

@@ -69,6 +69,15 @@ pub(crate) fn epoch_order(train: &[usize], seed: u64, epoch: usize) -> Vec<usize
     order
 }
 
+/// Opens a run's `log.jsonl` for appending (created if missing).
+pub(crate) fn open_log(path: &Path) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| err(path, format!("cannot open: {e}")))
+}
+
 /// Drops log lines past the checkpoint's step (they are recomputed on resume).
 pub(crate) fn truncate_log(path: &Path, step: u64) -> Result<(), String> {
     let Ok(text) = std::fs::read_to_string(path) else {

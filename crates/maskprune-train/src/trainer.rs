@@ -27,7 +27,7 @@ use crate::adapters::Adapters;
 use crate::config::{MaskInit, TrainConfig};
 use crate::extract::{Budget, LayerCounts};
 use crate::minimax::{scheduled_target, MinimaxState, ATTENTION, CHANNELS};
-use crate::run::{batch_rows, epoch_order, err, split_calibration, truncate_log};
+use crate::run::{batch_rows, epoch_order, err, open_log, split_calibration, truncate_log};
 
 /// File names inside a run directory.
 pub mod files {
@@ -222,11 +222,7 @@ pub fn train<B: TrainKernels>(
         cx.start(&store)?
     };
     let log_path = spec.run_dir.join(files::LOG);
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| err(&log_path, format!("cannot open: {e}")))?;
+    let mut log = open_log(&log_path)?;
     let mut last_checkpoint = run.step;
     while run.step < cfg.train.steps {
         if run.step == 0 || run.step == cfg.train.steps / 2 {
