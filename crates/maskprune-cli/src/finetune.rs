@@ -198,17 +198,7 @@ impl AutodiffJob for Job<'_> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    if a.out.exists() && !a.overwrite {
-        anyhow::bail!(
-            "{}: output directory already exists (pass --overwrite to replace it)",
-            a.out.display()
-        );
-    }
-    let run_dir = a.run_dir.clone().unwrap_or_else(|| {
-        let mut name = a.out.file_name().unwrap_or_default().to_os_string();
-        name.push(".run");
-        a.out.with_file_name(name)
-    });
+    let run_dir = crate::train::run_dir_for(&a.out, a.overwrite, a.run_dir.as_deref())?;
     let config = resolve_config(&a, &run_dir)?;
     let data = prepare_run(&a, &config, &run_dir)?;
     let summary = dispatch_autodiff(

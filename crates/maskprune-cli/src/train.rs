@@ -330,18 +330,28 @@ fn write_report(run_dir: &Path) {
     }
 }
 
-pub fn prune(a: PruneArgs) -> anyhow::Result<()> {
-    if a.out.exists() && !a.overwrite {
+/// The run directory of a stage writing the model directory `out` (`OUT.run` unless given),
+/// after refusing an existing `out` without `overwrite`.
+pub(crate) fn run_dir_for(
+    out: &Path,
+    overwrite: bool,
+    run_dir: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
+    if out.exists() && !overwrite {
         anyhow::bail!(
             "{}: output directory already exists (pass --overwrite to replace it)",
-            a.out.display()
+            out.display()
         );
     }
-    let run_dir = a.run_dir.clone().unwrap_or_else(|| {
-        let mut name = a.out.file_name().unwrap_or_default().to_os_string();
+    Ok(run_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+        let mut name = out.file_name().unwrap_or_default().to_os_string();
         name.push(".run");
-        a.out.with_file_name(name)
-    });
+        out.with_file_name(name)
+    }))
+}
+
+pub fn prune(a: PruneArgs) -> anyhow::Result<()> {
+    let run_dir = run_dir_for(&a.out, a.overwrite, a.run_dir.as_deref())?;
     let r = match a.method {
         PruneMethod::Baseline(m) => {
             let plan = baseline_plan(&a, m, &run_dir)?;
