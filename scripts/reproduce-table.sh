@@ -198,7 +198,7 @@ if [ -n "$APPENDIX_METHODS" ]; then
   "$BIN" table --rows "$APPENDIX_ROWS" --out "$RESULTS/appendix" \
     --title "$NAME appendix: random and magnitude pruning (small protocol)"
 fi
-# Each mask-training run's report gets the table.
-for run in "$WORK"/s*/maskprune*.run; do
+# Each mask-training run's report gets the table (not the recovery runs: other records).
+for run in "$WORK"/s*/maskprune.run "$WORK"/s*/maskprune-nonuniform.run; do
   [ -f "$run/summary.json" ] && "$BIN" --quiet report "$run" --results "$RESULTS/table.md" > /dev/null
 done

@@ -11,6 +11,16 @@ if [ "${MASKPRUNE_SKIP_SMOLLM2:-0}" != 1 ]; then
   MASKPRUNE_SMOLLM2=$(MASKPRUNE_BIN="$TARGET/debug/maskprune" scripts/fetch-smollm2.sh | tail -n 1)
   export MASKPRUNE_SMOLLM2 MASKPRUNE_REQUIRE_SMOLLM2=1
 fi
+# The evaluation data (WikiText-2, PTB, C4, the zero-shot tasks): $MASKPRUNE_DATA or
+# ../shared/data next to the checkout. Where found, the tests that read it must find it too
+# (MASKPRUNE_REQUIRE_DATA=1); where not, they say they skipped.
+DATA=${MASKPRUNE_DATA:-../shared/data}
+if [ -d "$DATA/wikitext2" ]; then
+  MASKPRUNE_DATA=$(cd "$DATA" && pwd)
+  export MASKPRUNE_DATA MASKPRUNE_REQUIRE_DATA=1
+else
+  echo "note: no evaluation data at $DATA: the tests that read it skip" >&2
+fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -1,6 +1,7 @@
 //! The issue-4 machinery on the tiny fixture: KV-cache decoding, masked (non-uniform)
 //! checkpoints, and the baselines' scores checked against their definitions computed here
-//! independently (activations by running the layers by hand, Taylor by finite differences).
+//! independently (activations by running the layers by hand; Taylor from gradients summed by
+//! hand and checked against central finite differences).
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -229,6 +230,45 @@ fn taylor_channel_scores_sum_weight_times_accumulated_gradient() {
                 None => sums.push(g),
             }
         }
+    }
+    // The summed gradients themselves, against central finite differences of the loss at
+    // the largest-gradient entry of each weight (forward passes only, no autodiff).
+    let mut plain = Llama::<B>::load(&src, &device).unwrap();
+    let loss_sum = |m: &Llama<B>| -> f64 {
+        windows
+            .iter()
+            .map(|row| {
+                let toks: Tensor<B, 2, Int> = token_tensor(&[row.as_slice()], &device);
+                next_token_loss(m.forward(toks.clone()).unwrap(), toks).into_scalar() as f64
+            })
+            .sum()
+    };
+    for (k, grad) in sums.iter().enumerate() {
+        let i = (0..grad.len())
+            .max_by(|&a, &b| grad[a].abs().total_cmp(&grad[b].abs()))
+            .unwrap();
+        let eps = 1e-2f32;
+        let mut at = |delta: f32| {
+            let mlp = &mut plain.layers[l].mlp;
+            let w = match k {
+                0 => &mut mlp.gate_proj,
+                1 => &mut mlp.up_proj,
+                _ => &mut mlp.down_proj,
+            };
+            let dims = w.weight.dims();
+            let mut v: Vec<f32> = w.weight.clone().into_data().to_vec().unwrap();
+            v[i] += delta;
+            w.weight = Tensor::from_data(burn::tensor::TensorData::new(v, dims), &device);
+            loss_sum(&plain)
+        };
+        let (up, down) = (at(eps), at(-2.0 * eps));
+        at(eps); // back to the weight (up to rounding) for the next matrix's check
+        let numeric = (up - down) / (2.0 * eps as f64);
+        assert!(
+            (numeric - grad[i]).abs() < 2e-2 * grad[i].abs(),
+            "weight {k} entry {i}: autodiff gradient {} vs finite differences {numeric}",
+            grad[i]
+        );
     }
     let (h, f) = (model.config.hidden_size, model.config.intermediate_size);
     let mlp = &model.layers[l].mlp;

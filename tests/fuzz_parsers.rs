@@ -2,8 +2,8 @@
 //! (and the config and tokenizer built from them), safetensors headers (and reading every
 //! tensor through them), config.json, prune plans and calibration sets. Inputs are valid files
 //! mutated at random (bytes overwritten, lengths truncated, fields removed or replaced); the
-//! property is that a parser returns `Ok` or `Err` and never panics. Case counts are printed
-//! (`cargo test --test fuzz_parsers -- --nocapture`); `MASKPRUNE_FUZZ_CASES` scales them.
+//! property is that a parser returns `Ok` or `Err` and never panics. Each property runs the
+//! case count given to `cases` below; `MASKPRUNE_FUZZ_CASES` scales them.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -74,10 +74,8 @@ fn apply(bytes: &[u8], m: &Mutation) -> Vec<u8> {
     b
 }
 
-static GGUF: AtomicUsize = AtomicUsize::new(0);
+/// Numbers the safetensors cases' scratch directories.
 static SAFETENSORS: AtomicUsize = AtomicUsize::new(0);
-static CONFIG: AtomicUsize = AtomicUsize::new(0);
-static PLAN: AtomicUsize = AtomicUsize::new(0);
 
 proptest! {
     #![proptest_config(cases(10000))]
@@ -85,7 +83,6 @@ proptest! {
     fn gguf_parsing_never_panics(m in mutation(4096)) {
         let base = std::fs::read(fixtures().join("tiny-llama.gguf")).unwrap();
         let bytes = apply(&base, &m);
-        GGUF.fetch_add(1, Ordering::Relaxed);
         if let Ok(file) = GgufFile::from_bytes(bytes) {
             let _ = hf_config(&file, OutDtype::F32);
             let _ = build_tokenizer(&file);
@@ -152,7 +149,6 @@ proptest! {
         let text = std::fs::read_to_string(fixtures().join("tiny-llama/config.json")).unwrap();
         let mut v: Value = serde_json::from_str(&text).unwrap();
         mutate_object(&mut v, &edits, &["rope_scaling", "sliding_window", "num_key_value_heads", "model_type", "head_dim"]);
-        CONFIG.fetch_add(1, Ordering::Relaxed);
         if let Ok(c) = ModelConfig::from_json_str(&v.to_string()) {
             // Whatever parses must give finite, consistent counts.
             let _ = c.total_params();
@@ -182,7 +178,6 @@ proptest! {
         if let Some(l) = plan["layers"].get_mut(layer) {
             l[name] = serde_json::json!(indices);
         }
-        PLAN.fetch_add(1, Ordering::Relaxed);
         if let Ok(p) = serde_json::from_str::<PrunePlan>(&plan.to_string()) {
             if p.validate(&config).is_ok() {
                 // A valid plan gives masks of the model's shape.
@@ -192,17 +187,4 @@ proptest! {
             let _ = p.validate_masked(&config);
         }
     }
-}
-
-#[test]
-fn zz_report_fuzz_case_counts() {
-    // Runs after the others when tests run on one thread; with several, the counts are those
-    // finished so far. The per-parser totals are the proptest case counts above.
-    eprintln!(
-        "fuzz cases so far: gguf {}, safetensors {}, config {}, plan {}",
-        GGUF.load(Ordering::Relaxed),
-        SAFETENSORS.load(Ordering::Relaxed),
-        CONFIG.load(Ordering::Relaxed),
-        PLAN.load(Ordering::Relaxed)
-    );
 }

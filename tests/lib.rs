@@ -55,12 +55,57 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// A fresh, empty scratch directory unique to this test process and `name`.
+/// The evaluation and calibration data (WikiText-2, PTB, C4, the zero-shot tasks):
+/// `$MASKPRUNE_DATA`, else `../shared/data` next to the checkout. When absent, `None` (the
+/// test says it skipped) — unless `MASKPRUNE_REQUIRE_DATA=1` (set by `scripts/test.sh`
+/// whenever it finds the data), where absence is a failure.
+pub fn data_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("MASKPRUNE_DATA")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
+    if dir.join("wikitext2").is_dir() {
+        return Some(dir);
+    }
+    if std::env::var("MASKPRUNE_REQUIRE_DATA").as_deref() == Ok("1") {
+        panic!("evaluation data not found at {}", dir.display());
+    }
+    eprintln!("skipping: evaluation data not found at {}", dir.display());
+    None
+}
+
+/// A fresh, empty scratch directory unique to this test process and `name`. It stays after
+/// the test for inspection; the first call of a later test process removes the scratch
+/// directories of test processes that no longer run (they reach gigabytes with SmolLM2).
 pub fn scratch(name: &str) -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(remove_stale_scratch);
     let d = std::env::temp_dir().join(format!("maskprune-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Removes `maskprune-test-*-PID` directories whose process is gone (Linux: no /proc/PID).
+fn remove_stale_scratch() {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("maskprune-test-") else {
+            continue;
+        };
+        let Some(pid) = rest.rsplit('-').next().filter(|p| p.parse::<u32>().is_ok()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The token rows of the tiny fixture's reference file.

@@ -133,6 +133,18 @@ fn check_with(granularity: &str, init: &str, extra: &[&str]) -> Vec<serde_json::
         max_abs_diff(&got, &without_lora) > 1e-3,
         "merging the adapters changed nothing"
     );
+    // The adapters learned: with them the pruned model is closer to the dense teacher (the
+    // loss the run minimises) than the same plan without them (by 2-3% after these 30 updates
+    // on random windows; the runs are seeded, so the margin is the same every time).
+    let teacher = values(base.forward(token_tensor(&rows, &device)).unwrap());
+    let (with, without) = (
+        mean_kl(&teacher, &got, c.vocab_size),
+        mean_kl(&teacher, &without_lora, c.vocab_size),
+    );
+    assert!(
+        with < 0.99 * without,
+        "KL to the teacher {with} with the adapters, {without} without"
+    );
     log.lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
@@ -167,4 +179,30 @@ fn kv_group_training_gives_a_uniform_plan_and_exact_surgery() {
 #[test]
 fn query_head_training_gives_a_uniform_plan_and_exact_surgery() {
     check("query_head", "magnitude");
+}
+
+/// Mean over positions of KL(teacher ‖ student) from flat logits, `vocab` per position.
+fn mean_kl(teacher: &[f32], student: &[f32], vocab: usize) -> f64 {
+    let log_softmax = |row: &[f32]| -> Vec<f64> {
+        let max = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let log_sum = row
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+        row.iter().map(|&x| x as f64 - max - log_sum).collect()
+    };
+    let positions = teacher.len() / vocab;
+    let total: f64 = teacher
+        .chunks(vocab)
+        .zip(student.chunks(vocab))
+        .map(|(t, s)| {
+            let (lt, ls) = (log_softmax(t), log_softmax(s));
+            lt.iter()
+                .zip(&ls)
+                .map(|(a, b)| a.exp() * (a - b))
+                .sum::<f64>()
+        })
+        .sum();
+    total / positions as f64
 }

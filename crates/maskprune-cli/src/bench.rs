@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_model::{output::write_file_atomically, Kernels, KvCache, Llama};
-use serde_json::json;
+use maskprune_records::bench::{
+    median, pool, ratios, BenchComparison, DecodeTiming, ForwardBench, ShapeTiming, TrainStepBench,
+    TrainStepTiming,
+};
 
 use crate::backend::{dispatch, dispatch_autodiff, AutodiffJob, BackendJob};
 use crate::{progress, RunOptions};
@@ -108,7 +111,7 @@ fn decode<B: Kernels>(
     prompt: usize,
     new: usize,
     device: &B::Device,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<DecodeTiming> {
     let tokens = random_rows(batch, prompt, model.config.vocab_size as u64);
     let rows: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
     let mut cache = KvCache::new(model.config.num_hidden_layers);
@@ -132,17 +135,21 @@ fn decode<B: Kernels>(
         "decode {batch}x{prompt}+{new}: {tps:.1} tokens/s ({:.1} ms/token step, KV cache)",
         1e3 * decode_s / new as f64
     );
-    Ok(
-        json!({"batch": batch, "prompt": prompt, "new_tokens": new, "prefill_s": prefill_s,
-              "decode_s": decode_s, "tokens_per_s": tps}),
-    )
+    Ok(DecodeTiming {
+        batch,
+        prompt,
+        new_tokens: new,
+        prefill_s,
+        decode_s,
+        tokens_per_s: tps,
+    })
 }
 
 struct Job(Args, Vec<(usize, usize)>);
 struct TrainStepJob(PathBuf, Vec<(usize, usize)>, usize, usize);
 
 /// Runs this same program as `bench` on one model and returns its report.
-fn bench_in_child(a: &Args, model: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+fn bench_in_child(a: &Args, model: &std::path::Path) -> anyhow::Result<ForwardBench> {
     let tmp = std::env::temp_dir().join(format!("maskprune-bench-{}.json", std::process::id()));
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
@@ -168,79 +175,9 @@ fn bench_in_child(a: &Args, model: &std::path::Path) -> anyhow::Result<serde_jso
         "{}: the benchmark failed",
         model.display()
     );
-    let report = serde_json::from_str(&std::fs::read_to_string(&tmp)?)?;
+    let report = maskprune_records::read_json(&tmp).map_err(|m| anyhow::anyhow!(m));
     let _ = std::fs::remove_file(&tmp);
-    Ok(report)
-}
-
-/// One report from the reports of several rounds on the same model: each shape's timings
-/// concatenated (median and tokens/s recomputed), the decode run with the median speed,
-/// the largest peak RSS.
-fn pool(mut reports: Vec<serde_json::Value>) -> serde_json::Value {
-    let rounds = reports.len();
-    let mut out = reports[0].clone();
-    for what in ["forward", "prefill"] {
-        if let Some(shapes) = out[what].as_array_mut() {
-            for (i, shape) in shapes.iter_mut().enumerate() {
-                let seconds: Vec<f64> = reports
-                    .iter()
-                    .filter_map(|r| r[what][i]["seconds"].as_array())
-                    .flatten()
-                    .filter_map(|s| s.as_f64())
-                    .collect();
-                let tokens = shape["batch"].as_f64().unwrap_or(0.0)
-                    * shape["seq_len"].as_f64().unwrap_or(0.0);
-                let median_s = median(&seconds);
-                shape["median_s"] = json!(median_s);
-                shape["tokens_per_s"] = json!(tokens / median_s);
-                shape["seconds"] = json!(seconds);
-            }
-        }
-    }
-    let speed = |r: &serde_json::Value| r["decode"]["tokens_per_s"].as_f64().unwrap_or(0.0);
-    reports.sort_by(|a, b| speed(a).total_cmp(&speed(b)));
-    out["decode"] = reports[rounds / 2]["decode"].clone();
-    let rss = reports
-        .iter()
-        .filter_map(|r| r["peak_rss_bytes"].as_u64())
-        .max();
-    out["peak_rss_bytes"] = json!(rss);
-    out["rounds"] = json!(rounds);
-    out
-}
-
-/// `model / baseline` for every throughput and size figure both reports have.
-fn ratios(model: &serde_json::Value, base: &serde_json::Value) -> serde_json::Value {
-    let ratio = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_f64(), b.as_f64()) {
-        (Some(a), Some(b)) if b > 0.0 => json!(a / b),
-        _ => serde_json::Value::Null,
-    };
-    let mut out = serde_json::Map::new();
-    for key in ["params", "macs_per_token_linear", "peak_rss_bytes"] {
-        out.insert(key.into(), ratio(&model[key], &base[key]));
-    }
-    for what in ["forward", "prefill"] {
-        if let (Some(m), Some(b)) = (model[what].as_array(), base[what].as_array()) {
-            for (m, b) in m.iter().zip(b) {
-                let shape = format!("{what}_{}x{}", m["batch"], m["seq_len"]);
-                let speed = ratio(&m["tokens_per_s"], &b["tokens_per_s"]);
-                out.insert(format!("{shape}_tokens_per_s"), speed);
-                if what == "prefill" {
-                    // The inverse is the speed-up that doing proportionally less work allows.
-                    let work = ratio(&m["macs_per_token"], &b["macs_per_token"]);
-                    out.insert(format!("{shape}_macs_per_token"), work);
-                }
-            }
-        }
-    }
-    out.insert(
-        "decode_tokens_per_s".into(),
-        ratio(
-            &model["decode"]["tokens_per_s"],
-            &base["decode"]["tokens_per_s"],
-        ),
-    );
-    serde_json::Value::Object(out)
+    report
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -255,10 +192,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             models.push(bench_in_child(&args, &args.model)?);
             baselines.push(bench_in_child(&args, &base)?);
         }
-        let (model, baseline) = (pool(models), pool(baselines));
-        let r = ratios(&model, &baseline);
-        println!("model / baseline: {}", serde_json::to_string(&r)?);
-        let report = json!({"model": model, "baseline": baseline, "ratio": r});
+        let pooled = |r| pool(r).map_err(|m| anyhow::anyhow!(m));
+        let (model, baseline) = (pooled(models)?, pooled(baselines)?);
+        let ratio = ratios(&model, &baseline);
+        println!("model / baseline: {}", serde_json::to_string(&ratio)?);
+        let report = BenchComparison {
+            model,
+            baseline,
+            ratio,
+        };
         if let Some(p) = &args.json {
             write_file_atomically(p, &serde_json::to_vec_pretty(&report)?)?;
             progress::info(format!("wrote {}", p.display()));
@@ -281,10 +223,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let json = args.json.clone();
     let report = if train {
         let mut report = dispatch_autodiff(device, job)?;
-        report["peak_rss_bytes"] = json!(peak_rss_bytes());
-        report
+        report.peak_rss_bytes = peak_rss_bytes();
+        serde_json::to_value(report)?
     } else {
-        dispatch(device, Job(args, shapes))?
+        serde_json::to_value(dispatch(device, Job(args, shapes))?)?
     };
     if let Some(p) = &json {
         write_file_atomically(p, &serde_json::to_vec_pretty(&report)?)?;
@@ -302,7 +244,7 @@ fn random_rows(batch: usize, len: usize, vocab: u64) -> Vec<Vec<u32>> {
 }
 
 impl AutodiffJob for TrainStepJob {
-    type Output = serde_json::Value;
+    type Output = TrainStepBench;
 
     /// A real `train-masks` run of `updates + repeats` updates on random windows, in a
     /// temporary run directory: the trainer's own loop (teacher hidden states, masked student
@@ -314,7 +256,7 @@ impl AutodiffJob for TrainStepJob {
     fn run<B: maskprune_model::TrainKernels>(
         self,
         device: B::Device,
-    ) -> anyhow::Result<serde_json::Value> {
+    ) -> anyhow::Result<TrainStepBench> {
         const CHECKPOINT_EVERY: u64 = 10;
         let TrainStepJob(dir, shapes, updates, repeats) = self;
         let model = Llama::<B>::load(&dir, &device)?;
@@ -379,26 +321,35 @@ impl AutodiffJob for TrainStepJob {
                 median(cached),
                 wall / updates as f64,
             );
-            out.push(json!({
-                "batch": batch, "seq_len": len, "updates": updates,
-                "seconds": run, "mean_s": mean, "median_s": median(run),
-                "wall_per_update_s": wall / updates as f64, "checkpoint_every": CHECKPOINT_EVERY,
-                "cached_teacher_seconds": cached, "cached_teacher_median_s": median(cached),
-                "flops": work.student + work.teacher, "cached_teacher_flops": work.student,
-                "gflops_per_s": gflops, "cached_teacher_gflops_per_s": cached_gflops,
-                "share_of_gemm_peak": gflops / peak,
-                "cached_teacher_share_of_gemm_peak": cached_gflops / peak,
-            }));
+            out.push(TrainStepTiming {
+                batch,
+                seq_len: len,
+                updates,
+                seconds: run.to_vec(),
+                mean_s: mean,
+                median_s: median(run),
+                wall_per_update_s: wall / updates as f64,
+                checkpoint_every: CHECKPOINT_EVERY,
+                cached_teacher_seconds: cached.to_vec(),
+                cached_teacher_median_s: median(cached),
+                flops: work.student + work.teacher,
+                cached_teacher_flops: work.student,
+                gflops_per_s: gflops,
+                cached_teacher_gflops_per_s: cached_gflops,
+                share_of_gemm_peak: gflops / peak,
+                cached_teacher_share_of_gemm_peak: cached_gflops / peak,
+            });
         }
-        Ok(json!({
-            "bench": "train_step",
-            "model": dir,
-            "what": "real train-masks updates (the trainer's gradients and apply): teacher hidden states, student with kv_group masks (STE) and LoRA r8 on q,v, fused LM head + KL (T=1) and backward, minimax and Adam on the host, log lines and checkpoints",
-            "backend": std::any::type_name::<B>(),
-            "threads": available_threads(),
-            "gemm_peak_gflops_per_s": peak,
-            "results": out,
-        }))
+        Ok(TrainStepBench {
+            bench: "train_step".into(),
+            model: dir,
+            what: "real train-masks updates (the trainer's gradients and apply): teacher hidden states, student with kv_group masks (STE) and LoRA r8 on q,v, fused LM head + KL (T=1) and backward, minimax and Adam on the host, log lines and checkpoints".into(),
+            backend: std::any::type_name::<B>().into(),
+            threads: available_threads(),
+            gemm_peak_gflops_per_s: peak,
+            results: out,
+            peak_rss_bytes: 0,
+        })
     }
 }
 
@@ -453,8 +404,8 @@ fn gemm_peak_gflops() -> f64 {
 }
 
 impl BackendJob for Job {
-    type Output = serde_json::Value;
-    fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<serde_json::Value> {
+    type Output = ForwardBench;
+    fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<ForwardBench> {
         let Job(a, shapes) = self;
         let model = Llama::<B>::load(&a.model, &device)?;
         let vocab = model.config.vocab_size as u64;
@@ -489,19 +440,20 @@ impl BackendJob for Job {
                 ("forward", full, &mut forward),
                 ("prefill", last, &mut prefill),
             ] {
-                let tps = (batch * len) as f64 / median(&times);
+                let timing = ShapeTiming::new(batch, len, times);
                 println!(
-                    "{what} {batch}x{len}: {:.3}s median of {}, {tps:.0} tokens/s",
-                    median(&times),
-                    times.len()
+                    "{what} {batch}x{len}: {:.3}s median of {}, {:.0} tokens/s",
+                    timing.median_s,
+                    timing.seconds.len(),
+                    timing.tokens_per_s
                 );
-                out.push(json!({"batch": batch, "seq_len": len, "seconds": times, "median_s": median(&times), "tokens_per_s": tps}));
+                out.push(timing);
             }
         }
         pb.finish_and_clear();
         let decoded = match parse_decode(&a.decode)? {
-            Some((b, p, n)) => decode(&model, b, p, n, &device)?,
-            None => serde_json::Value::Null,
+            Some((b, p, n)) => Some(decode(&model, b, p, n, &device)?),
+            None => None,
         };
         let c = &model.config;
         // Multiply-accumulates per token: every linear weight once (decoder layers and LM
@@ -512,27 +464,27 @@ impl BackendJob for Job {
         // A prefill's work per token: the decoder's weights, attention over the causal
         // context (on average (len + 1) / 2 positions), the LM head for the last position.
         for p in &mut prefill {
-            let len = p["seq_len"].as_u64().unwrap_or(1) as f64;
-            p["macs_per_token"] = json!(
+            let len = p.seq_len as f64;
+            p.macs_per_token = Some(
                 decoder_linear as f64
                     + per_position as f64 * (len + 1.0) / 2.0
-                    + (c.hidden_size * c.vocab_size) as f64 / len
+                    + (c.hidden_size * c.vocab_size) as f64 / len,
             );
         }
-        let report = json!({
-            "bench": "forward",
-            "model": a.model,
-            "params": model.config.total_params(),
-            "macs_per_token_linear": macs_linear,
-            "attention_macs_per_token_per_context_position": per_position,
-            "backend": format!("burn {} ({})", a.run.device, std::any::type_name::<B>()),
-            "threads": available_threads(),
-            "forward": forward,
-            "prefill": prefill,
-            "decode": decoded,
-            "peak_rss_bytes": peak_rss_bytes(),
-        });
-        Ok(report)
+        Ok(ForwardBench {
+            bench: "forward".into(),
+            model: a.model,
+            params: model.config.total_params(),
+            macs_per_token_linear: macs_linear,
+            attention_macs_per_token_per_context_position: per_position,
+            backend: format!("burn {} ({})", a.run.device, std::any::type_name::<B>()),
+            threads: available_threads(),
+            forward,
+            prefill,
+            decode: decoded,
+            peak_rss_bytes: peak_rss_bytes(),
+            rounds: None,
+        })
     }
 }
 
@@ -551,13 +503,6 @@ fn time_runs(
         }
     }
     Ok(times)
-}
-
-/// The median of `times` (the upper one of an even count).
-fn median(times: &[f64]) -> f64 {
-    let mut sorted = times.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn available_threads() -> usize {

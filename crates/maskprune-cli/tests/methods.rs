@@ -204,16 +204,44 @@ fn bench_compares_a_pruned_model_with_its_baseline() {
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("decode 1x4+3"), "{stdout}");
-    let r = json(&out);
-    let ratio = |k: &str| {
-        r["ratio"][k]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{k}: {}", r["ratio"]))
-    };
+    let r: maskprune_records::bench::BenchComparison = maskprune_records::read_json(&out).unwrap();
+    let ratio = |k: &str| r.ratio[k].unwrap_or_else(|| panic!("{k}: {:?}", r.ratio));
+    // Sizes: the pruned model's parameters are those surgery reported.
+    let pruned_params = json(&pruned.join("maskprune.json"))["params"]["total_after"].as_u64();
+    assert_eq!(Some(r.model.params as u64), pruned_params);
+    assert_eq!(
+        ratio("params"),
+        r.model.params as f64 / r.baseline.params as f64
+    );
     assert!(ratio("params") < 1.0 && ratio("macs_per_token_linear") < 1.0);
-    assert!(ratio("prefill_1x8_tokens_per_s") > 0.0 && ratio("decode_tokens_per_s") > 0.0);
-    assert!(r["model"]["peak_rss_bytes"].as_u64().unwrap() > 0);
-    assert_eq!(r["baseline"]["decode"]["new_tokens"], 3);
+    // Speeds: each shape's tokens/s is its tokens over its median time, each ratio model over
+    // baseline, for every shape asked for.
+    for (bench, shapes) in [
+        (&r.model, [(1, 8), (2, 4)]),
+        (&r.baseline, [(1, 8), (2, 4)]),
+    ] {
+        for timings in [&bench.forward, &bench.prefill] {
+            let got: Vec<(usize, usize)> = timings.iter().map(|t| (t.batch, t.seq_len)).collect();
+            assert_eq!(got, shapes);
+            for t in timings {
+                assert_eq!(t.seconds.len(), 1);
+                assert_eq!(t.tokens_per_s, (t.batch * t.seq_len) as f64 / t.median_s);
+            }
+        }
+        let d = bench.decode.as_ref().unwrap();
+        assert_eq!((d.batch, d.prompt, d.new_tokens), (1, 4, 3));
+        assert_eq!(d.tokens_per_s, 3.0 / d.decode_s);
+        assert!(bench.peak_rss_bytes > 0);
+    }
+    assert_eq!(
+        ratio("prefill_1x8_tokens_per_s"),
+        r.model.prefill[0].tokens_per_s / r.baseline.prefill[0].tokens_per_s
+    );
+    assert_eq!(
+        ratio("decode_tokens_per_s"),
+        r.model.decode.as_ref().unwrap().tokens_per_s
+            / r.baseline.decode.as_ref().unwrap().tokens_per_s
+    );
     let (code, _, stderr) = maskprune(&[
         "bench",
         "--model",
@@ -314,6 +342,12 @@ fn shared_data() -> Option<PathBuf> {
 #[test]
 fn reproduce_table_quick_writes_the_table() {
     let Some(data) = shared_data() else {
+        // scripts/test.sh sets this whenever it finds the data: then a miss here is a bug.
+        assert_ne!(
+            std::env::var("MASKPRUNE_REQUIRE_DATA").as_deref(),
+            Ok("1"),
+            "evaluation data required but not found"
+        );
         eprintln!("skipped: no ../shared/data (WikiText-2, PTB, the zero-shot tasks) next to the checkout");
         return;
     };

@@ -7,28 +7,13 @@ mod plots;
 use std::path::{Path, PathBuf};
 
 use maskprune_model::output::{write_dir_atomically, write_file_atomically};
-use serde_json::Value;
+use maskprune_records::run::files;
+use maskprune_records::{
+    read_json, read_json_lines, Granularity, MaskSnapshot, MaskState, StepRecord, TrainSummary,
+};
+use serde::Deserialize;
 
 pub use plots::{heatmap, line_chart, svg_to_png, Series};
-
-fn read_json(path: &Path) -> Result<Value, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))
-}
-
-fn read_log(path: &Path) -> Result<Vec<Value>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| format!("{}:{}: invalid JSON: {e}", path.display(), i + 1))
-        })
-        .collect()
-}
 
 /// A figure of the report: file stem, caption and SVG text.
 struct Figure {
@@ -37,95 +22,79 @@ struct Figure {
     svg: String,
 }
 
-fn column(log: &[Value], key: &str) -> Vec<(f64, f64)> {
-    log.iter()
-        .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))
+/// `(update, f(record))` for every logged update.
+fn column(log: &[StepRecord], f: impl Fn(&StepRecord) -> f64) -> Vec<(f64, f64)> {
+    log.iter().map(|r| (r.step as f64, f(r))).collect()
+}
+
+fn mean(v: &[usize]) -> f64 {
+    v.iter().sum::<usize>() as f64 / v.len().max(1) as f64
+}
+
+/// `|m|` per layer and unit.
+fn mask_rows(m: &[Vec<f32>]) -> Vec<Vec<f64>> {
+    m.iter()
+        .map(|l| l.iter().map(|x| x.abs() as f64).collect())
         .collect()
 }
 
-fn stat(log: &[Value], key: &str, f: fn(&[f64]) -> f64) -> Vec<(f64, f64)> {
-    log.iter()
-        .filter_map(|r| {
-            let v: Vec<f64> = r[key]
-                .as_array()?
-                .iter()
-                .filter_map(Value::as_f64)
-                .collect();
-            Some((r["step"].as_f64()?, f(&v)))
-        })
-        .collect()
+/// The budget's multiplier and the spread of the per-layer uniformity multipliers.
+fn multipliers(log: &[StepRecord]) -> Vec<Series> {
+    vec![
+        Series::new("μ (budget)", column(log, |r| r.mu)),
+        Series::new("y attention, mean", column(log, |r| r.y_attention.mean)),
+        Series::new("y attention, max", column(log, |r| r.y_attention.max)),
+        Series::new("y channels, mean", column(log, |r| r.y_channels.mean)),
+        Series::new("y channels, max", column(log, |r| r.y_channels.max)),
+    ]
 }
 
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
+/// What the report reads of `plan.json` (written by `maskprune_surgery::PrunePlan`).
+#[derive(Deserialize)]
+struct PlanCounts {
+    layers: Vec<LayerCounts>,
 }
 
-fn max(v: &[f64]) -> f64 {
-    v.iter().cloned().fold(f64::MIN, f64::max)
+/// One layer of `plan.json`: the kept units' indices.
+#[derive(Deserialize)]
+struct LayerCounts {
+    query_heads: Vec<usize>,
+    kv_heads: Vec<usize>,
+    channels: Vec<usize>,
 }
 
-/// `|m|` per layer and unit from a masks file's `m_attention` / `m_channels`.
-fn mask_rows(v: &Value, key: &str) -> Vec<Vec<f64>> {
-    v[key]
-        .as_array()
-        .map(|layers| {
-            layers
-                .iter()
-                .map(|l| {
-                    l.as_array()
-                        .map(|u| u.iter().map(|x| x.as_f64().unwrap_or(0.0).abs()).collect())
-                        .unwrap_or_default()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn figures(run: &Path, log: &[Value]) -> Result<Vec<Figure>, String> {
+fn figures(run: &Path, log: &[StepRecord]) -> Result<Vec<Figure>, String> {
     let mut out = Vec::new();
     let mut losses = vec![
-        Series::new("Lagrangian", column(log, "lagrangian")),
-        Series::new("distillation KL", column(log, "distill")),
-        Series::new("uniformity term", column(log, "uniformity_term")),
-        Series::new("budget term", column(log, "budget_term")),
+        Series::new("Lagrangian", column(log, |r| r.lagrangian)),
+        Series::new("distillation KL", column(log, |r| r.distill)),
+        Series::new("uniformity term", column(log, |r| r.uniformity_term)),
+        Series::new("budget term", column(log, |r| r.budget_term)),
     ];
-    let ntp = column(log, "ntp");
-    if !ntp.is_empty() {
-        losses.push(Series::new("next-token", ntp));
+    if log.iter().all(|r| r.ntp.is_some()) {
+        losses.push(Series::new(
+            "next-token",
+            column(log, |r| r.ntp.unwrap_or(f64::NAN)),
+        ));
+    }
+    if log.iter().all(|r| r.hidden.is_some()) {
+        losses.push(Series::new(
+            "hidden-state distillation",
+            column(log, |r| r.hidden.unwrap_or(f64::NAN)),
+        ));
     }
     out.push(Figure {
         stem: "loss".into(),
         caption: "Loss terms per update".into(),
         svg: line_chart("Loss terms", "update", "value", &losses)?,
     });
-    let masks = read_json(&run.join("masks.json")).ok();
-    let units_attention = masks
-        .as_ref()
-        .and_then(|m| m["attention_units"].as_f64())
-        .unwrap_or(1.0);
+    let masks: Option<MaskState> = read_json(&run.join(files::MASKS)).ok();
+    let units_attention = masks.as_ref().map_or(1.0, |m| m.attention_units as f64);
     let units_channels = masks
         .as_ref()
-        .and_then(|m| m["m_channels"][0].as_array().map(|a| a.len() as f64))
-        .unwrap_or(1.0);
-    let frac = |key: &str, n: f64| -> Vec<(f64, f64)> {
-        column(log, key)
-            .into_iter()
-            .map(|(s, v)| (s, v / n))
-            .collect()
-    };
-    let kept = |key: &str, n: f64| -> Vec<(f64, f64)> {
-        stat(log, key, mean)
-            .into_iter()
-            .map(|(s, v)| (s, v / n))
-            .collect()
-    };
-    let target: Vec<(f64, f64)> = log
-        .iter()
-        .filter_map(|r| {
-            let dense = log.first()?["params_achieved"].as_f64()?;
-            Some((r["step"].as_f64()?, r["params_target"].as_f64()? / dense))
-        })
-        .collect();
+        .and_then(|m| m.m_channels.first())
+        .map_or(1.0, |l| l.len() as f64);
+    let dense = log[0].params_achieved;
     out.push(Figure {
         stem: "widths".into(),
         caption: "Shared widths s (fraction of the units) and the mean units kept per layer, with the scheduled parameter target (fraction of dense)".into(),
@@ -134,20 +103,14 @@ fn figures(run: &Path, log: &[Value]) -> Result<Vec<Figure>, String> {
             "update",
             "fraction",
             &[
-                Series::new("s_attention / units", frac("s_attention", units_attention)),
-                Series::new("s_channels / channels", frac("s_channels", units_channels)),
-                Series::new("kept attention (mean over layers)", kept("kept_attention", units_attention)),
-                Series::new("kept channels (mean over layers)", kept("kept_channels", units_channels)),
-                Series::new("parameter target", target),
+                Series::new("s_attention / units", column(log, |r| r.s_attention / units_attention)),
+                Series::new("s_channels / channels", column(log, |r| r.s_channels / units_channels)),
+                Series::new("kept attention (mean over layers)", column(log, |r| mean(&r.kept_attention) / units_attention)),
+                Series::new("kept channels (mean over layers)", column(log, |r| mean(&r.kept_channels) / units_channels)),
+                Series::new("parameter target", column(log, |r| r.params_target / dense)),
             ],
         )?,
     });
-    let millions = |key: &str| -> Vec<(f64, f64)> {
-        column(log, key)
-            .into_iter()
-            .map(|(s, v)| (s, v / 1e6))
-            .collect()
-    };
     out.push(Figure {
         stem: "params".into(),
         caption: "Decoder-layer linear parameters (millions): achieved by the masks, implied by s, the scheduled target and the final target".into(),
@@ -156,10 +119,10 @@ fn figures(run: &Path, log: &[Value]) -> Result<Vec<Figure>, String> {
             "update",
             "millions",
             &[
-                Series::new("achieved (masks)", millions("params_achieved")),
-                Series::new("at s", millions("params_s")),
-                Series::new("scheduled target", millions("params_target")),
-                Series::new("final target", millions("params_final_target")),
+                Series::new("achieved (masks)", column(log, |r| r.params_achieved / 1e6)),
+                Series::new("at s", column(log, |r| r.params_s / 1e6)),
+                Series::new("scheduled target", column(log, |r| r.params_target / 1e6)),
+                Series::new("final target", column(log, |r| r.params_final_target as f64 / 1e6)),
             ],
         )?,
     });
@@ -167,76 +130,62 @@ fn figures(run: &Path, log: &[Value]) -> Result<Vec<Figure>, String> {
         stem: "multipliers".into(),
         caption: "Multipliers: the budget's μ and the per-layer y (mean and max over layers)"
             .into(),
-        svg: line_chart(
-            "Multipliers",
-            "update",
-            "value",
-            &[
-                Series::new("μ (budget)", column(log, "mu")),
-                Series::new("y attention, mean", stat(log, "y_attention", mean)),
-                Series::new("y attention, max", stat(log, "y_attention", max)),
-                Series::new("y channels, mean", stat(log, "y_channels", mean)),
-                Series::new("y channels, max", stat(log, "y_channels", max)),
-            ],
-        )?,
+        svg: line_chart("Multipliers", "update", "value", &multipliers(log))?,
     });
     // Mask heatmaps: the snapshots (start, middle) and the final masks.
-    let mut states: Vec<(String, Value)> = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(run.join("snapshots")) {
-        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        files.sort();
-        for f in files {
-            let v = read_json(&f)?;
-            let step = v["step"].as_u64().unwrap_or(0);
-            states.push((format!("step {step}"), v));
+    let mut states: Vec<(String, MaskSnapshot)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(run.join(files::SNAPSHOTS)) {
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for f in paths {
+            let v: MaskSnapshot = read_json(&f)?;
+            states.push((format!("step {}", v.step), v));
         }
     }
     if let Some(m) = &masks {
-        states.push(("end".into(), m.clone()));
+        let end = MaskSnapshot {
+            step: log[log.len() - 1].step,
+            m_attention: m.m_attention.clone(),
+            m_channels: m.m_channels.clone(),
+        };
+        states.push(("end".into(), end));
     }
     for (i, (label, v)) in states.iter().enumerate() {
-        for (key, what) in [
-            ("m_attention", "attention units"),
-            ("m_channels", "MLP channels"),
+        for (m, what, kind) in [
+            (&v.m_attention, "attention units", "attention"),
+            (&v.m_channels, "MLP channels", "channels"),
         ] {
-            let rows = mask_rows(v, key);
-            if rows.is_empty() {
+            if m.is_empty() {
                 continue;
             }
-            let stem = format!(
-                "masks-{i}-{}",
-                if key == "m_attention" {
-                    "attention"
-                } else {
-                    "channels"
-                }
-            );
             out.push(Figure {
+                stem: format!("masks-{i}-{kind}"),
                 caption: format!("|m| of the {what} per layer, {label} (0 = pruned)"),
-                svg: heatmap(&format!("{what}, {label}"), what, &rows)?,
-                stem,
+                svg: heatmap(&format!("{what}, {label}"), what, &mask_rows(m))?,
             });
         }
     }
-    let plan = read_json(&run.join("plan.json")).ok();
-    if let Some(layers) = plan.as_ref().and_then(|p| p["layers"].as_array()) {
-        let count = |k: &str| -> Vec<(f64, f64)> {
-            layers
+    if let Ok(plan) = read_json::<PlanCounts>(&run.join(files::PLAN)) {
+        // Attention units are KV groups or query heads, as the run's masks count them.
+        let by_groups = masks
+            .as_ref()
+            .is_some_and(|m| m.granularity == Granularity::KvGroup);
+        let per_layer = |f: &dyn Fn(&LayerCounts) -> f64| -> Vec<(f64, f64)> {
+            plan.layers
                 .iter()
                 .enumerate()
-                .map(|(l, p)| (l as f64, p[k].as_array().map_or(0, Vec::len) as f64))
+                .map(|(l, p)| (l as f64, f(p)))
                 .collect()
         };
-        let channels: Vec<(f64, f64)> = count("channels")
-            .into_iter()
-            .map(|(l, c)| (l, c / units_channels))
-            .collect();
-        // Attention units are KV groups or query heads, as the run's masks count them.
-        let by_groups = masks.as_ref().and_then(|m| m["granularity"].as_str()) == Some("kv_group");
-        let attention: Vec<(f64, f64)> = count(if by_groups { "kv_heads" } else { "query_heads" })
-            .into_iter()
-            .map(|(l, h)| (l, h / units_attention))
-            .collect();
+        let attention = per_layer(&|p| {
+            let kept = if by_groups {
+                &p.kv_heads
+            } else {
+                &p.query_heads
+            };
+            kept.len() as f64 / units_attention
+        });
+        let channels = per_layer(&|p| p.channels.len() as f64 / units_channels);
         out.push(Figure {
             stem: "kept".into(),
             caption: "Units kept per layer in the extracted plan (fraction of the layer's query heads and MLP channels)".into(),
@@ -255,45 +204,47 @@ fn figures(run: &Path, log: &[Value]) -> Result<Vec<Figure>, String> {
 }
 
 fn summary_lines(run: &Path) -> Vec<String> {
-    let mut lines = Vec::new();
-    if let Ok(s) = read_json(&run.join("summary.json")) {
-        let w = &s["widths"];
-        lines.push(format!(
-            "- widths in every layer: {} query heads, {} KV heads, {} MLP channels ({})",
-            w["query_heads"],
-            w["kv_heads"],
-            w["channels"],
-            s["granularity"].as_str().unwrap_or("")
-        ));
-        lines.push(format!(
+    let Ok(s) = read_json::<TrainSummary>(&run.join(files::SUMMARY)) else {
+        return Vec::new();
+    };
+    let granularity = match s.granularity {
+        Granularity::KvGroup => "kv_group",
+        Granularity::QueryHead => "query_head",
+    };
+    vec![
+        format!(
+            "- widths in every layer: {} query heads, {} KV heads, {} MLP channels ({granularity})",
+            s.widths.query_heads, s.widths.kv_heads, s.widths.channels
+        ),
+        format!(
             "- parameters: {} → {} (decoder-layer linear: {} → {}, target {})",
-            s["total_params"][0],
-            s["total_params"][1],
-            s["decoder_linear"][0],
-            s["decoder_linear"][1],
-            s["decoder_linear"][2]
-        ));
-        lines.push(format!(
+            s.total_params[0],
+            s.total_params[1],
+            s.decoder_linear[0],
+            s.decoder_linear[1],
+            s.decoder_linear[2]
+        ),
+        format!(
             "- {} updates in {:.0} s; held-out KL {:.4} before extraction, {:.4} after (dense with the adapters: {:.4})",
-            s["steps"],
-            s["train_seconds"].as_f64().unwrap_or(0.0),
-            s["loss_before_extraction"].as_f64().unwrap_or(f64::NAN),
-            s["loss_after_extraction"].as_f64().unwrap_or(f64::NAN),
-            s["loss_dense_with_lora"].as_f64().unwrap_or(f64::NAN)
-        ));
-    }
-    lines
+            s.steps,
+            s.train_seconds,
+            s.loss_before_extraction,
+            s.loss_after_extraction,
+            s.loss_dense_with_lora
+        ),
+    ]
 }
 
 /// Writes `RUN/report/` (replacing an older one): one SVG and one PNG per figure,
 /// `report.md` and `report.html`; `results` (a markdown table, e.g. `table.md`) is appended
 /// when given. Returns the report directory.
 pub fn write_report(run: &Path, results: Option<&Path>) -> Result<PathBuf, String> {
-    let log = read_log(&run.join("log.jsonl"))?;
+    let log_path = run.join(files::LOG);
+    let log: Vec<StepRecord> = read_json_lines(&log_path)?;
     if log.is_empty() {
         return Err(format!(
             "{}: no training steps logged yet",
-            run.join("log.jsonl").display()
+            log_path.display()
         ));
     }
     let figs = figures(run, &log)?;
@@ -350,4 +301,107 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use maskprune_records::run::OverLayers;
+    use maskprune_records::Widths;
+
+    fn record(step: u64, y: [f64; 2]) -> StepRecord {
+        StepRecord {
+            step,
+            steps: 2,
+            lagrangian: 1.0,
+            distill: 0.5,
+            ntp: None,
+            hidden: None,
+            uniformity_term: 0.1,
+            budget_term: 0.2,
+            s_attention: 3.0,
+            s_channels: 100.0,
+            params_s: 900.0,
+            params_achieved: 1000.0,
+            params_target: 800.0,
+            params_final_target: 700,
+            mu: 0.3,
+            y_attention: y.into(),
+            y_channels: OverLayers {
+                mean: 0.0,
+                max: 0.0,
+            },
+            kept_attention: vec![4, 2],
+            kept_channels: vec![128, 64],
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn the_y_curves_are_the_logged_mean_and_max() {
+        let log = [record(1, [0.25, 2.0]), record(2, [0.5, 3.0])];
+        let series = multipliers(&log);
+        let by_label = |l: &str| &series.iter().find(|s| s.label == l).unwrap().points;
+        assert_eq!(
+            by_label("y attention, mean"),
+            &vec![(1.0, 0.25), (2.0, 0.5)]
+        );
+        assert_eq!(by_label("y attention, max"), &vec![(1.0, 2.0), (2.0, 3.0)]);
+    }
+
+    #[test]
+    fn a_run_directory_gives_a_report_with_its_summary_and_figures() {
+        let run = std::env::temp_dir().join(format!("maskprune-report-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&run).unwrap();
+        let log: String = [record(1, [0.0, 0.0]), record(2, [0.1, 0.2])]
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap() + "\n")
+            .collect();
+        std::fs::write(run.join(files::LOG), log).unwrap();
+        let widths = Widths {
+            query_heads: 2,
+            kv_heads: 1,
+            channels: 64,
+        };
+        let summary = TrainSummary {
+            steps: 2,
+            train_seconds: 12.0,
+            granularity: Granularity::KvGroup,
+            widths,
+            s: [1.0, 64.0],
+            decoder_linear: [1000, 700, 700],
+            total_params: [5000, 4700],
+            loss_before_extraction: 0.25,
+            loss_after_extraction: 0.5,
+            rounding: vec![(widths, 0.5)],
+            loss_dense_with_lora: 0.125,
+            nonuniform_kept: None,
+        };
+        std::fs::write(
+            run.join(files::SUMMARY),
+            serde_json::to_vec(&summary).unwrap(),
+        )
+        .unwrap();
+        let out = write_report(&run, None).unwrap();
+        let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(
+            md.contains("2 query heads, 1 KV heads, 64 MLP channels (kv_group)"),
+            "{md}"
+        );
+        assert!(md.contains("5000 → 4700"), "{md}");
+        assert!(
+            md.contains("held-out KL 0.2500 before extraction, 0.5000 after"),
+            "{md}"
+        );
+        for stem in ["loss", "widths", "params", "multipliers"] {
+            assert!(out.join(format!("{stem}.svg")).is_file(), "{stem}.svg");
+            assert!(out.join(format!("{stem}.png")).is_file(), "{stem}.png");
+        }
+        // A log line of another shape is an error naming the file and line.
+        std::fs::write(run.join(files::LOG), "{\"step\": 1}\n").unwrap();
+        let err = write_report(&run, None).unwrap_err();
+        assert!(err.contains("log.jsonl:1: invalid"), "{err}");
+        let _ = std::fs::remove_dir_all(&run);
+    }
 }

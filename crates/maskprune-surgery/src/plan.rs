@@ -4,29 +4,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use maskprune_model::{LayerMask, ModelConfig};
 use serde::{Deserialize, Serialize};
 
-/// What an attention unit is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Granularity {
-    /// A KV head with its query heads: `num_key_value_heads` shrinks.
-    #[serde(rename = "kv_group")]
-    KvGroup,
-    /// Query heads, the same number kept in every KV group: `num_key_value_heads` stays.
-    #[serde(rename = "query_head")]
-    QueryHead,
-}
-
-impl std::str::FromStr for Granularity {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kv_group" => Ok(Granularity::KvGroup),
-            "query_head" => Ok(Granularity::QueryHead),
-            _ => Err(format!(
-                "unknown granularity `{s}` (kv_group or query_head)"
-            )),
-        }
-    }
-}
+pub use maskprune_records::Granularity;
 
 /// The units one layer keeps (sorted indices into the original model).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

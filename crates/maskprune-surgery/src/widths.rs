@@ -1,20 +1,10 @@
 //! Uniform target widths for a parameter budget.
 
 use maskprune_model::ModelConfig;
-use serde::Serialize;
 
 use crate::plan::Granularity;
 
-/// Per-layer widths of a uniformly pruned model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Widths {
-    /// Query heads kept per layer.
-    pub query_heads: usize,
-    /// KV heads kept per layer.
-    pub kv_heads: usize,
-    /// MLP channels kept per layer.
-    pub channels: usize,
-}
+pub use maskprune_records::Widths;
 
 /// Parameters of the decoder layers' linear weights at the given widths.
 pub fn decoder_linear_params(c: &ModelConfig, w: Widths) -> usize {

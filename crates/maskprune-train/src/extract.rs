@@ -195,14 +195,7 @@ impl Budget {
     }
 }
 
-/// Kept units per layer of a non-uniform extraction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct LayerCounts {
-    /// Attention units (KV groups or query heads) kept.
-    pub attention: usize,
-    /// MLP channels kept.
-    pub channels: usize,
-}
+pub use maskprune_records::LayerCounts;
 
 impl Budget {
     /// Decoder-layer linear parameters of one attention unit and of one MLP channel (one layer).

@@ -18,38 +18,17 @@ use maskprune_model::{
 };
 use maskprune_surgery::{magnitude_scores, Granularity, PrunePlan, Widths};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use maskprune_baselines::{activation_scores, Method};
 use maskprune_model::Kernels;
 
 use crate::adapters::Adapters;
 use crate::config::{MaskInit, TrainConfig};
-use crate::extract::{Budget, LayerCounts};
+use crate::extract::Budget;
 use crate::minimax::{scheduled_target, MinimaxState, ATTENTION, CHANNELS};
 use crate::run::{batch_rows, epoch_order, err, open_log, split_calibration, truncate_log};
 
-/// File names inside a run directory.
-pub mod files {
-    /// The resolved configuration.
-    pub const CONFIG: &str = "config.toml";
-    /// The calibration set used.
-    pub const CALIBRATION: &str = "calibration.json";
-    /// One JSON object per update.
-    pub const LOG: &str = "log.jsonl";
-    /// The last checkpoint (a directory, replaced atomically).
-    pub const CHECKPOINT: &str = "checkpoint";
-    /// Final masks, widths and multipliers.
-    pub const MASKS: &str = "masks.json";
-    /// Final LoRA adapters.
-    pub const LORA: &str = "lora.safetensors";
-    /// The extracted uniform prune plan.
-    pub const PLAN: &str = "plan.json";
-    /// Wall time, parameters, widths and the extraction gap.
-    pub const SUMMARY: &str = "summary.json";
-    /// Mask values at the first update and half-way (`masks-step00000.json`, ...), for plots.
-    pub const SNAPSHOTS: &str = "snapshots";
-}
+pub use maskprune_records::run::files;
 
 /// What a checkpoint holds besides the adapters.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,82 +39,8 @@ struct CheckpointState {
     minimax: MinimaxState,
 }
 
-/// One line of `log.jsonl`.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    /// Updates done (1-based).
-    pub step: u64,
-    /// Of this many.
-    pub steps: u64,
-    /// The Lagrangian: distillation + next-token + uniformity + budget terms.
-    pub lagrangian: f64,
-    /// KL(teacher || student).
-    pub distill: f64,
-    /// Next-token cross-entropy of the student (weighted in the Lagrangian by `ntp_weight`).
-    pub ntp: Option<f64>,
-    /// The layer-wise distillation term (weighted by `hidden_distill_weight`), when on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hidden: Option<f64>,
-    /// `Σ_t mean_l y (kept/n − r)`.
-    pub uniformity_term: f64,
-    /// `μ (p(r) − p_target)`.
-    pub budget_term: f64,
-    /// The shared widths `s` in units (attention, channels).
-    pub s_attention: f64,
-    /// See `s_attention`.
-    pub s_channels: f64,
-    /// Decoder-layer linear parameters the widths `s` imply.
-    pub params_s: f64,
-    /// Decoder-layer linear parameters the kept counts imply (mean over layers).
-    pub params_achieved: f64,
-    /// The budget this update (warm-up included).
-    pub params_target: f64,
-    /// The final budget.
-    pub params_final_target: usize,
-    /// `μ`.
-    pub mu: f64,
-    /// Mean and max of `y` over layers, per kind.
-    pub y_attention: [f64; 2],
-    /// See `y_attention`.
-    pub y_channels: [f64; 2],
-    /// Kept units per layer, per kind.
-    pub kept_attention: Vec<usize>,
-    /// See `kept_attention`.
-    pub kept_channels: Vec<usize>,
-    /// Seconds for this update.
-    pub seconds: f64,
-}
-
-/// The end of a run.
-#[derive(Debug, Clone, Serialize)]
-pub struct TrainSummary {
-    /// Updates done.
-    pub steps: u64,
-    /// Wall time of the training updates, in seconds (all sessions of a resumed run).
-    pub train_seconds: f64,
-    /// Granularity.
-    pub granularity: Granularity,
-    /// Widths every layer keeps.
-    pub widths: Widths,
-    /// Final continuous widths `s`.
-    pub s: [f64; 2],
-    /// Dense and pruned decoder-layer linear parameters, and the target.
-    pub decoder_linear: [usize; 3],
-    /// Dense and pruned parameters of the whole model.
-    pub total_params: [usize; 2],
-    /// Held-out distillation loss with the training masks, just before extraction.
-    pub loss_before_extraction: f64,
-    /// The same with the extracted uniform plan.
-    pub loss_after_extraction: f64,
-    /// The roundings of `s` considered and their held-out loss (the lowest was kept).
-    pub rounding: Vec<(Widths, f64)>,
-    /// The same for the dense model with the trained adapters (the floor).
-    pub loss_dense_with_lora: f64,
-    /// Non-uniform runs (`minimax.uniform = false`): units kept in each layer (then `widths`
-    /// is the rounded mean and the parameters are those of the masked units).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nonuniform_kept: Option<Vec<LayerCounts>>,
-}
+use maskprune_records::{run::OverLayers, MaskSnapshot, MaskState};
+pub use maskprune_records::{StepRecord, TrainSummary};
 
 /// Everything a run needs.
 pub struct RunSpec<'a> {
@@ -513,13 +418,6 @@ impl<B: TrainKernels> Context<'_, B> {
         run.step += 1;
         let dt = t0.elapsed().as_secs_f64();
         run.seconds += dt;
-        let y_stats = |t: usize| {
-            let y = &run.state.y[t];
-            [
-                y.iter().sum::<f64>() / y.len().max(1) as f64,
-                y.iter().cloned().fold(0.0, f64::max),
-            ]
-        };
         let dense = budget.dense as f64;
         StepRecord {
             step: run.step,
@@ -542,8 +440,8 @@ impl<B: TrainKernels> Context<'_, B> {
             params_target: dense * scheduled,
             params_final_target: budget.target,
             mu: run.state.mu,
-            y_attention: y_stats(ATTENTION),
-            y_channels: y_stats(CHANNELS),
+            y_attention: OverLayers::of(&run.state.y[ATTENTION]),
+            y_channels: OverLayers::of(&run.state.y[CHANNELS]),
             kept_attention: stats.kept[ATTENTION].clone(),
             kept_channels: stats.kept[CHANNELS].clone(),
             seconds: dt,
@@ -577,11 +475,12 @@ impl<B: TrainKernels> Context<'_, B> {
         let masks = run.state.masks(&self.cfg().minimax);
         let dir = self.spec.run_dir.join(files::SNAPSHOTS);
         std::fs::create_dir_all(&dir).map_err(|e| err(&dir, format!("cannot create: {e}")))?;
-        let value = json!({
-            "step": run.step,
-            "m_attention": masks[ATTENTION],
-            "m_channels": masks[CHANNELS],
-        });
+        let [m_attention, m_channels] = masks;
+        let value = MaskSnapshot {
+            step: run.step,
+            m_attention,
+            m_channels,
+        };
         let path = dir.join(format!("masks-step{:05}.json", run.step));
         write_file_atomically(&path, &serde_json::to_vec(&value).expect("JSON serialises"))
             .map_err(|e| e.to_string())
@@ -818,22 +717,24 @@ fn write_outputs(
     summary: &TrainSummary,
     budget: &Budget,
 ) -> Result<(), String> {
-    let pretty = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("JSON serialises");
-    let masks_json = json!({
-        "granularity": budget.granularity,
-        "attention_units": budget.kinds[ATTENTION].units,
-        "s": summary.s,
-        "width_fraction": state.width,
-        "mu": state.mu,
-        "y_attention": state.y[ATTENTION],
-        "y_channels": state.y[CHANNELS],
-        "z_attention": state.z[ATTENTION],
-        "z_channels": state.z[CHANNELS],
-        "m_attention": masks[ATTENTION],
-        "m_channels": masks[CHANNELS],
-    });
-    write_file_atomically(&run.join(files::MASKS), &pretty(&masks_json))
-        .map_err(|e| e.to_string())?;
+    let masks_json = MaskState {
+        granularity: budget.granularity,
+        attention_units: budget.kinds[ATTENTION].units,
+        s: summary.s,
+        width_fraction: state.width,
+        mu: state.mu,
+        y_attention: state.y[ATTENTION].clone(),
+        y_channels: state.y[CHANNELS].clone(),
+        z_attention: state.z[ATTENTION].clone(),
+        z_channels: state.z[CHANNELS].clone(),
+        m_attention: masks[ATTENTION].clone(),
+        m_channels: masks[CHANNELS].clone(),
+    };
+    write_file_atomically(
+        &run.join(files::MASKS),
+        &serde_json::to_vec_pretty(&masks_json).expect("masks serialise"),
+    )
+    .map_err(|e| e.to_string())?;
     adapters.save(&run.join(files::LORA), false)?;
     write_file_atomically(
         &run.join(files::PLAN),
