@@ -215,7 +215,16 @@ fn prepare_run(
             "{}: no checkpoint to resume from",
             run_dir.display()
         );
-        return calib::read(&calib_path);
+        let calibration = calib::read(&calib_path)?;
+        if let Some(p) = &o.calib {
+            anyhow::ensure!(
+                calib::read(p)?.samples == calibration.samples,
+                "{}: not the calibration windows this run was trained on ({}); resume without --calib, or start a new run",
+                p.display(),
+                calib_path.display()
+            );
+        }
+        return Ok(calibration);
     }
     if run_dir.exists() {
         anyhow::ensure!(
@@ -276,9 +285,17 @@ fn run_training(o: &TrainOptions, run_dir: &Path) -> anyhow::Result<TrainSummary
             "{}: no checkpoint to resume from (start the run without --resume)",
             run_dir.display()
         );
-        // The run's own resolved config, so a resumed run continues the same schedule.
+        // The run's own resolved config, so a resumed run continues the same schedule; the
+        // flags given now must resolve to it.
         let path = run_dir.join(files::CONFIG);
-        TrainConfig::from_file(&path, &[]).map_err(anyhow::Error::msg)?
+        let config = TrainConfig::from_file(&path, &[]).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            resolve_config(o)? == config,
+            "{}: --config and the budget/--set/--max-steps flags resolve to another configuration than the run's ({}); resume with the same ones, or start a new run",
+            o.config.display(),
+            path.display()
+        );
+        config
     } else {
         let config = resolve_config(o)?;
         // Impossible budgets fail before anything is written.

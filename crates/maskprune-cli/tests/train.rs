@@ -1,5 +1,7 @@
-//! `maskprune train-masks` / `prune` on the tiny fixture: a run killed with SIGKILL and
-//! resumed ends bit-identical to an uninterrupted one; bad training inputs are one-line errors.
+//! `maskprune train-masks` / `prune` on the tiny fixture: a run killed with SIGKILL ten times
+//! (once while writing a checkpoint) and resumed each time ends bit-identical to an
+//! uninterrupted one; resume refuses a corrupt checkpoint or other inputs; bad training
+//! inputs are one-line errors.
 
 mod common;
 
@@ -48,8 +50,15 @@ fn train_args<'a>(config: &'a str, calib: &'a str, model: &'a str, run: &'a str)
     ]
 }
 
+/// Lines in a run's log so far.
+fn logged(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("log.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
 #[test]
-fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+fn a_run_killed_ten_times_and_resumed_is_bit_identical_to_an_uninterrupted_one() {
     let dir = scratch("resume");
     let (calib, config) = inputs(&dir, 200, 288);
     let s = |p: &Path| p.display().to_string();
@@ -62,31 +71,57 @@ fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
         .unwrap();
     assert_success(&out);
 
-    let mut child = bin()
-        .args(train_args(&config, &calib, &model, &s(&killed)))
-        .spawn()
-        .unwrap();
-    let log = killed.join("log.jsonl");
-    let start = Instant::now();
-    loop {
-        let lines = std::fs::read_to_string(&log)
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
-        if lines >= 60 {
-            break;
+    // Ten kills at seeded random points, each after more updates than the last; the sixth is
+    // the process dying while it writes a checkpoint (a test hook aborts it there).
+    let mut rng = 0x5eed_u64;
+    let mut random = |n: u64| {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 33) % n
+    };
+    for kill in 0..10u64 {
+        let mut cmd = bin();
+        cmd.args(train_args(&config, &calib, &model, &s(&killed)));
+        if kill > 0 {
+            cmd.arg("--resume");
         }
+        if kill == 5 {
+            // The first checkpoint (every 7 updates) after the one it resumes from.
+            let state: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(killed.join("checkpoint/state.json")).unwrap(),
+            )
+            .unwrap();
+            let at = state["step"].as_u64().unwrap() + 7;
+            let out = cmd
+                .env("MASKPRUNE_FAULT_ABORT_IN_CHECKPOINT", at.to_string())
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "the run survived its abort at {at}");
+            assert_eq!(
+                logged(&killed),
+                at as usize,
+                "it died writing checkpoint {at}"
+            );
+            continue;
+        }
+        let target = (15 + 17 * kill + random(10)) as usize;
+        let mut child = cmd.spawn().unwrap();
+        let start = Instant::now();
+        while logged(&killed) < target {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "kill {kill}: the run never reached update {target}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
         assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the run never got going"
+            !killed.join("summary.json").exists(),
+            "the run finished before kill {kill}; the test proves nothing"
         );
-        std::thread::sleep(Duration::from_millis(1));
     }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(
-        !killed.join("summary.json").exists(),
-        "the run finished before it was killed; the test proves nothing"
-    );
     assert!(killed.join("checkpoint/state.json").exists());
 
     let out = bin()
@@ -240,6 +275,150 @@ fn bad_training_inputs_are_one_line_errors() {
             lines[0].starts_with("error: ") && lines[0].contains(needle),
             "{args:?}: {err}"
         );
+    }
+}
+
+#[test]
+fn resume_refuses_a_corrupt_checkpoint_and_other_inputs() {
+    let dir = scratch("refuse");
+    let (calib, config) = inputs(&dir, 10, 288);
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let other_calib = other.join("calib.json");
+    common::random_calibration(&other_calib, 40, 16, 288, 999);
+    let other_config = other.join("tiny.toml");
+    std::fs::write(
+        &other_config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("sparsity = 0.5", "sparsity = 0.4"),
+    )
+    .unwrap();
+    let s = |p: &Path| p.display().to_string();
+    let (calib, config, model) = (s(&calib), s(&config), s(&fixture()));
+    let run = dir.join("run");
+    assert_success(
+        &bin()
+            .args(train_args(&config, &calib, &model, &s(&run)))
+            .output()
+            .unwrap(),
+    );
+    // Each case: a change to a copy of the finished run, the flags, and the error's needle.
+    type Change = fn(&Path);
+    let keep: Change = |_| {};
+    let flip_lora: Change = |r| {
+        let p = r.join("checkpoint/lora.safetensors");
+        let mut b = std::fs::read(&p).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        std::fs::write(&p, b).unwrap();
+    };
+    let edit_state: Change = |r| {
+        let p = r.join("checkpoint/state.json");
+        let t = std::fs::read_to_string(&p)
+            .unwrap()
+            .replacen("\"step\":", "\"step\":1", 1);
+        std::fs::write(&p, t).unwrap();
+    };
+    let no_sums: Change = |r| std::fs::remove_file(r.join("checkpoint/checksums.json")).unwrap();
+    let edit_config: Change = |r| {
+        let p = r.join("config.toml");
+        let t = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("seed = 0", "seed = 1");
+        std::fs::write(&p, t).unwrap();
+    };
+    let (other_model, other_config, other_calib) = (
+        s(&fixtures().join("tiny-mistral")),
+        s(&other_config),
+        s(&other_calib),
+    );
+    // (change, --config, --calib, --model, more flags, the error's needle)
+    type Case<'a> = (Change, &'a str, &'a str, &'a str, &'a [&'a str], &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            flip_lora,
+            &config,
+            &calib,
+            &model,
+            &[],
+            "lora.safetensors: corrupt checkpoint",
+        ),
+        (
+            edit_state,
+            &config,
+            &calib,
+            &model,
+            &[],
+            "state.json: corrupt checkpoint",
+        ),
+        (
+            no_sums,
+            &config,
+            &calib,
+            &model,
+            &[],
+            "no checkpoint to resume from",
+        ),
+        (
+            edit_config,
+            &config,
+            &calib,
+            &model,
+            &[],
+            "another configuration",
+        ),
+        (
+            keep,
+            &other_config,
+            &calib,
+            &model,
+            &[],
+            "another configuration than the run's",
+        ),
+        (
+            keep,
+            &config,
+            &calib,
+            &model,
+            &["--max-steps", "5"],
+            "another configuration than the run's",
+        ),
+        (
+            keep,
+            &config,
+            &other_calib,
+            &model,
+            &[],
+            "not the calibration windows",
+        ),
+        (
+            keep,
+            &config,
+            &calib,
+            &other_model,
+            &[],
+            "another model's weights",
+        ),
+    ];
+    for (i, (change, config, calib, model, flags, needle)) in cases.into_iter().enumerate() {
+        let copy = dir.join(format!("case{i}"));
+        let out = std::process::Command::new("cp")
+            .args(["-r", &s(&run), &s(&copy)])
+            .output()
+            .unwrap();
+        assert_success(&out);
+        std::fs::remove_file(copy.join("summary.json")).unwrap();
+        change(&copy);
+        let copy = s(&copy);
+        let mut args = train_args(config, calib, model, &copy);
+        args.extend(flags);
+        args.push("--resume");
+        let o = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "case {i} resumed: {args:?}");
+        assert_eq!(err.trim().lines().count(), 1, "case {i}: {err}");
+        assert!(err.contains(needle), "case {i}: `{needle}` missing: {err}");
     }
 }
 

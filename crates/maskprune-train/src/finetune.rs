@@ -13,13 +13,16 @@ use burn::tensor::Tensor;
 use maskprune_data::CalibrationSet;
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::next_token_targets;
-use maskprune_model::output::{write_dir_atomically, write_file_atomically};
+use maskprune_model::output::write_file_atomically;
 use maskprune_model::{weights_sha256, HeadTerms, LayerLora, Llama, TrainKernels, WeightStore};
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::Adapters;
 use crate::config::{parse_with_overrides, CalibrationConfig, LoraSettings, LORA_TARGETS};
-use crate::run::{batch_rows, err, open_log, split_calibration, truncate_log};
+use crate::run::{
+    batch_rows, err, open_log, read_checkpoint, split_calibration, truncate_log, write_checkpoint,
+    Checkpoint, Provenance,
+};
 use crate::trainer::files;
 
 /// A recovery configuration (`--config` TOML, `--set section.key=value` overrides).
@@ -214,8 +217,13 @@ pub struct FinetuneSummary {
 struct CheckpointState {
     step: u64,
     seconds: f64,
-    weights_sha256: String,
-    teacher_sha256: Option<String>,
+    provenance: Provenance,
+}
+
+impl Checkpoint for CheckpointState {
+    fn provenance(&self) -> &Provenance {
+        &self.provenance
+    }
 }
 
 /// Trains the adapters and writes the run directory; `on_step` sees every update.
@@ -236,16 +244,24 @@ pub fn finetune<B: TrainKernels>(
             &WeightStore::open(dir).map_err(|e| e.to_string())?,
         ))
     };
-    let state = CheckpointState {
-        step: 0,
-        seconds: 0.0,
-        weights_sha256: sha(spec.model_dir)?,
-        teacher_sha256: spec.teacher_dir.map(sha).transpose()?,
-    };
+    let provenance = Provenance::new(
+        sha(spec.model_dir)?,
+        spec.config,
+        spec.data,
+        spec.teacher_dir.map(sha).transpose()?,
+    );
     let ckpt = spec.run_dir.join(files::CHECKPOINT);
     let (mut state, mut adapters) = if spec.resume {
-        resume(spec, &state, c)?
+        let (state, adapters): (CheckpointState, Adapters) =
+            read_checkpoint(&ckpt, &provenance, c, &spec.config.lora)?;
+        truncate_log(&spec.run_dir.join(files::LOG), state.step)?;
+        (state, adapters)
     } else {
+        let state = CheckpointState {
+            step: 0,
+            seconds: 0.0,
+            provenance,
+        };
         (state, Adapters::new(c, &spec.config.lora, cfg.seed))
     };
     let log_path = spec.run_dir.join(files::LOG);
@@ -304,7 +320,7 @@ pub fn finetune<B: TrainKernels>(
         if state.step % cfg.checkpoint_every == 0 || state.step == cfg.steps {
             log.flush()
                 .map_err(|e| err(&log_path, format!("cannot write: {e}")))?;
-            checkpoint(&ckpt, &state, &adapters)?;
+            write_checkpoint(&ckpt, state.step, &state, &adapters)?;
         }
     }
     let eval_rows: Vec<&[u32]> = eval_idx
@@ -406,50 +422,4 @@ fn check_teacher<B: TrainKernels>(
         ));
     }
     Ok(())
-}
-
-/// Replaces the checkpoint directory (atomically).
-fn checkpoint(dir: &Path, state: &CheckpointState, adapters: &Adapters) -> Result<(), String> {
-    write_dir_atomically(dir, true, |d| {
-        write_file_atomically(
-            &d.join("state.json"),
-            serde_json::to_string(state)
-                .expect("state serialises")
-                .as_bytes(),
-        )?;
-        adapters
-            .save(&d.join(files::LORA), true)
-            .map_err(|m| maskprune_model::ModelError::new(d, m))
-    })
-    .map_err(|e| e.to_string())
-}
-
-/// The run directory's checkpoint, checked against this model and teacher; the log is cut
-/// back to it.
-fn resume(
-    spec: &FinetuneSpec,
-    fresh: &CheckpointState,
-    c: &maskprune_model::ModelConfig,
-) -> Result<(CheckpointState, Adapters), String> {
-    let dir = spec.run_dir.join(files::CHECKPOINT);
-    let text = std::fs::read_to_string(dir.join("state.json")).map_err(|e| {
-        err(
-            &dir,
-            format!("no checkpoint to resume from ({e}); start the run without --resume"),
-        )
-    })?;
-    let state: CheckpointState = serde_json::from_str(&text)
-        .map_err(|e| err(&dir.join("state.json"), format!("corrupt checkpoint: {e}")))?;
-    if state.weights_sha256 != fresh.weights_sha256 {
-        return Err(err(&dir, "the checkpoint was trained on another model"));
-    }
-    if state.teacher_sha256 != fresh.teacher_sha256 {
-        return Err(err(
-            &dir,
-            "the checkpoint was trained with another teacher (or without one)",
-        ));
-    }
-    let adapters = Adapters::load(&dir.join(files::LORA), c, &spec.config.lora)?;
-    truncate_log(&spec.run_dir.join(files::LOG), state.step)?;
-    Ok((state, adapters))
 }

@@ -1,11 +1,20 @@
 //! What a training run directory's loops share: the held-out split of the calibration
 //! windows, the seeded batch order (a function of the step alone, so a resumed run needs no
-//! data cursor), the log cut back to a checkpoint, and one-line errors naming a file.
+//! data cursor), the log cut back to a checkpoint, checkpoints with checksums and the
+//! inputs they were trained from, and one-line errors naming a file.
 
 use std::path::Path;
 
+use maskprune_data::text::sha256_hex;
 use maskprune_data::{CalibrationSet, SplitMix64};
-use maskprune_model::output::write_file_atomically;
+use maskprune_model::output::{write_dir_atomically, write_file_atomically};
+use maskprune_model::ModelConfig;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::adapters::Adapters;
+use crate::config::LoraSettings;
+use crate::trainer::files;
 
 /// `path: message`.
 pub(crate) fn err(path: &Path, m: impl std::fmt::Display) -> String {
@@ -89,4 +98,153 @@ pub(crate) fn truncate_log(path: &Path, step: u64) -> Result<(), String> {
         .map(|l| format!("{l}\n"))
         .collect();
     write_file_atomically(path, kept.as_bytes()).map_err(|e| e.to_string())
+}
+
+/// What a checkpoint was trained from: resuming with anything else is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Provenance {
+    /// SHA-256 of the (student) model's weight files.
+    pub weights_sha256: String,
+    /// SHA-256 of the resolved configuration (JSON).
+    pub config_sha256: String,
+    /// SHA-256 of the calibration or training windows (JSON).
+    pub calibration_sha256: String,
+    /// SHA-256 of the teacher's weight files, when there is one.
+    pub teacher_sha256: Option<String>,
+}
+
+impl Provenance {
+    /// Fingerprints of a run's inputs.
+    pub fn new(
+        weights_sha256: String,
+        config: &impl Serialize,
+        calibration: &CalibrationSet,
+        teacher_sha256: Option<String>,
+    ) -> Self {
+        Self {
+            weights_sha256,
+            config_sha256: json_sha256(config),
+            calibration_sha256: json_sha256(calibration),
+            teacher_sha256,
+        }
+    }
+
+    /// `Ok` when `checkpoint` (read from `dir`) was trained from the same inputs as `self`.
+    fn check(&self, checkpoint: &Provenance, dir: &Path) -> Result<(), String> {
+        let refuse = |what: &str| {
+            Err(err(
+                dir,
+                format!("the checkpoint was trained {what}; start a new run (or use another run directory)"),
+            ))
+        };
+        if checkpoint.weights_sha256 != self.weights_sha256 {
+            return refuse("on another model's weights");
+        }
+        if checkpoint.teacher_sha256 != self.teacher_sha256 {
+            return refuse("with another teacher (or without one)");
+        }
+        if checkpoint.config_sha256 != self.config_sha256 {
+            return refuse("with another configuration (the run's config.toml changed)");
+        }
+        if checkpoint.calibration_sha256 != self.calibration_sha256 {
+            return refuse("on other calibration windows (the run's calibration.json changed)");
+        }
+        Ok(())
+    }
+}
+
+/// SHA-256 of a value's JSON.
+fn json_sha256(value: &impl Serialize) -> String {
+    sha256_hex(&serde_json::to_vec(value).expect("inputs serialise"))
+}
+
+/// The files of a checkpoint directory besides `checksums.json`.
+const CHECKPOINT_FILES: [&str; 2] = ["state.json", files::LORA];
+
+/// Replaces the checkpoint directory `dir` atomically with `state.json` (`state`), the
+/// adapters with their Adam moments, and `checksums.json` (SHA-256 of both).
+pub(crate) fn write_checkpoint<S: Serialize>(
+    dir: &Path,
+    step: u64,
+    state: &S,
+    adapters: &Adapters,
+) -> Result<(), String> {
+    write_dir_atomically(dir, true, |d| {
+        let model_err = |m: String| maskprune_model::ModelError::new(d, m);
+        let state = serde_json::to_vec(state).expect("state serialises");
+        write_file_atomically(&d.join(CHECKPOINT_FILES[0]), &state)?;
+        if fault_abort_in_checkpoint() == Some(step) {
+            // Test hook: dies half-way through writing a checkpoint, as a SIGKILL could.
+            std::process::abort();
+        }
+        adapters
+            .save(&d.join(files::LORA), true)
+            .map_err(model_err)?;
+        let mut sums = std::collections::BTreeMap::new();
+        for f in CHECKPOINT_FILES {
+            let bytes = std::fs::read(d.join(f))
+                .map_err(|e| model_err(format!("{f}: cannot read back: {e}")))?;
+            sums.insert(f, sha256_hex(&bytes));
+        }
+        let sums = serde_json::to_vec(&sums).expect("checksums serialise");
+        write_file_atomically(&d.join("checksums.json"), &sums)
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// A checkpoint state that carries the inputs it was trained from.
+pub(crate) trait Checkpoint: DeserializeOwned {
+    /// Where the checkpoint's inputs came from.
+    fn provenance(&self) -> &Provenance;
+}
+
+/// The checkpoint in `dir`: its files checked against `checksums.json`, its inputs against
+/// `fresh` (one-line errors naming the directory), and its adapters loaded.
+pub(crate) fn read_checkpoint<S: Checkpoint>(
+    dir: &Path,
+    fresh: &Provenance,
+    c: &ModelConfig,
+    lora: &LoraSettings,
+) -> Result<(S, Adapters), String> {
+    let sums_path = dir.join("checksums.json");
+    let sums = std::fs::read(&sums_path).map_err(|e| {
+        err(
+            dir,
+            format!("no checkpoint to resume from ({e}); start the run without --resume"),
+        )
+    })?;
+    let sums: std::collections::BTreeMap<String, String> = serde_json::from_slice(&sums)
+        .map_err(|e| err(&sums_path, format!("corrupt checkpoint: {e}")))?;
+    let mut state_bytes = Vec::new();
+    for f in CHECKPOINT_FILES {
+        let path = dir.join(f);
+        let bytes = std::fs::read(&path).map_err(|e| err(&path, format!("cannot read: {e}")))?;
+        if sums.get(f) != Some(&sha256_hex(&bytes)) {
+            return Err(err(
+                &path,
+                "corrupt checkpoint: its checksum does not match checksums.json",
+            ));
+        }
+        if f == CHECKPOINT_FILES[0] {
+            state_bytes = bytes;
+        }
+    }
+    let state: S = serde_json::from_slice(&state_bytes).map_err(|e| {
+        err(
+            &dir.join(CHECKPOINT_FILES[0]),
+            format!("corrupt checkpoint: {e}"),
+        )
+    })?;
+    fresh.check(state.provenance(), dir)?;
+    let adapters = Adapters::load(&dir.join(files::LORA), c, lora)?;
+    Ok((state, adapters))
+}
+
+/// Test hook: `MASKPRUNE_FAULT_ABORT_IN_CHECKPOINT=k` aborts the process while it writes the
+/// checkpoint of update `k` (after `state.json`, before the adapters).
+fn fault_abort_in_checkpoint() -> Option<u64> {
+    std::env::var("MASKPRUNE_FAULT_ABORT_IN_CHECKPOINT")
+        .ok()?
+        .parse()
+        .ok()
 }

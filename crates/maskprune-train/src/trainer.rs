@@ -12,7 +12,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use maskprune_data::CalibrationSet;
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::{next_token_targets, UnitMasks};
-use maskprune_model::output::{write_dir_atomically, write_file_atomically};
+use maskprune_model::output::write_file_atomically;
 use maskprune_model::{
     weights_sha256, HeadTerms, LayerMask, Llama, Site, TrainKernels, WeightStore,
 };
@@ -21,26 +21,35 @@ use serde::{Deserialize, Serialize};
 
 use maskprune_baselines::{activation_scores, Method};
 use maskprune_model::Kernels;
+use maskprune_records::{run::OverLayers, MaskSnapshot, MaskState};
 
 use crate::adapters::Adapters;
 use crate::config::{MaskInit, TrainConfig};
 use crate::extract::Budget;
 use crate::minimax::{scheduled_target, MinimaxState, ATTENTION, CHANNELS};
-use crate::run::{batch_rows, epoch_order, err, open_log, split_calibration, truncate_log};
+use crate::run::{
+    batch_rows, epoch_order, err, open_log, read_checkpoint, split_calibration, truncate_log,
+    write_checkpoint, Checkpoint, Provenance,
+};
 
 pub use maskprune_records::run::files;
+
+pub use maskprune_records::{StepRecord, TrainSummary};
 
 /// What a checkpoint holds besides the adapters.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CheckpointState {
     step: u64,
     seconds: f64,
-    weights_sha256: String,
+    provenance: Provenance,
     minimax: MinimaxState,
 }
 
-use maskprune_records::{run::OverLayers, MaskSnapshot, MaskState};
-pub use maskprune_records::{StepRecord, TrainSummary};
+impl Checkpoint for CheckpointState {
+    fn provenance(&self) -> &Provenance {
+        &self.provenance
+    }
+}
 
 /// Everything a run needs.
 pub struct RunSpec<'a> {
@@ -66,7 +75,8 @@ struct Context<'a, B: TrainKernels> {
     /// batches of it (see [`Context::teacher_hidden`]).
     first_epoch: Vec<usize>,
     eval_idx: Vec<usize>,
-    source_sha: String,
+    /// The fingerprints of the model, configuration and calibration windows.
+    provenance: Provenance,
     /// The dense teacher's final hidden states `[len, hidden]` by calibration window: the
     /// teacher never changes, so each update needs only the LM head on them.
     teacher_hidden: Mutex<HashMap<usize, Tensor<B, 2>>>,
@@ -117,7 +127,7 @@ pub fn train<B: TrainKernels>(
         first_epoch: epoch_order(&train_idx, cfg.train.seed, 0),
         train_idx,
         eval_idx,
-        source_sha: weights_sha256(&store),
+        provenance: Provenance::new(weights_sha256(&store), cfg, spec.calibration, None),
         teacher_hidden: Mutex::new(HashMap::new()),
         teacher: model.inner(),
     };
@@ -181,28 +191,13 @@ impl<B: TrainKernels> Context<'_, B> {
         })
     }
 
-    /// The run directory's checkpoint, checked against this model; the log is cut back to it.
+    /// The run directory's checkpoint, checked against this run's inputs; the log is cut
+    /// back to it.
     fn resume(&self) -> Result<Progress, String> {
         let c = &self.model.config;
         let ckpt_dir = self.spec.run_dir.join(files::CHECKPOINT);
-        let text = std::fs::read_to_string(ckpt_dir.join("state.json")).map_err(|e| {
-            err(
-                &ckpt_dir,
-                format!("no checkpoint to resume from ({e}); start the run without --resume"),
-            )
-        })?;
-        let s: CheckpointState = serde_json::from_str(&text).map_err(|e| {
-            err(
-                &ckpt_dir.join("state.json"),
-                format!("corrupt checkpoint: {e}"),
-            )
-        })?;
-        if s.weights_sha256 != self.source_sha {
-            return Err(err(
-                &ckpt_dir,
-                "the checkpoint was trained on different weights (masks from another model?)",
-            ));
-        }
+        let (s, adapters): (CheckpointState, Adapters) =
+            read_checkpoint(&ckpt_dir, &self.provenance, c, &self.cfg().lora)?;
         let units = [self.budget.kinds[ATTENTION].units, c.intermediate_size];
         if (0..2).any(|t| {
             s.minimax.z[t].len() != c.num_hidden_layers
@@ -213,7 +208,6 @@ impl<B: TrainKernels> Context<'_, B> {
                 "the checkpoint's masks do not fit this model and granularity",
             ));
         }
-        let adapters = Adapters::load(&ckpt_dir.join(files::LORA), c, &self.cfg().lora)?;
         truncate_log(&self.spec.run_dir.join(files::LOG), s.step)?;
         Ok(Progress {
             state: s.minimax,
@@ -450,24 +444,14 @@ impl<B: TrainKernels> Context<'_, B> {
 
     /// Replaces the checkpoint directory (atomically).
     fn checkpoint(&self, run: &Progress) -> Result<(), String> {
-        let ck = CheckpointState {
+        let state = CheckpointState {
             step: run.step,
             seconds: run.seconds,
-            weights_sha256: self.source_sha.clone(),
+            provenance: self.provenance.clone(),
             minimax: run.state.clone(),
         };
-        write_dir_atomically(&self.spec.run_dir.join(files::CHECKPOINT), true, |d| {
-            write_file_atomically(
-                &d.join("state.json"),
-                serde_json::to_string(&ck)
-                    .expect("state serialises")
-                    .as_bytes(),
-            )?;
-            run.adapters
-                .save(&d.join(files::LORA), true)
-                .map_err(|m| maskprune_model::ModelError::new(d, m))
-        })
-        .map_err(|e| e.to_string())
+        let dir = self.spec.run_dir.join(files::CHECKPOINT);
+        write_checkpoint(&dir, run.step, &state, &run.adapters)
     }
 
     /// Writes the current mask values to `snapshots/masks-stepNNNNN.json`.
