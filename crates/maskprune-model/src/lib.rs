@@ -9,6 +9,7 @@ pub mod error;
 pub mod family;
 pub mod kernels;
 pub mod llama;
+pub mod lora;
 pub mod output;
 pub mod rope;
 pub mod tokenizer;
@@ -18,7 +19,8 @@ pub use config::{ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use family::{Biases, Family};
 pub use kernels::{HeadLoss, HeadTerms, Kernels, TrainKernels};
-pub use llama::{KvCache, LayerLora, LayerMask, Llama, Lora, Site};
+pub use llama::{KvCache, LayerMask, Llama, Site};
+pub use lora::{Adapters, LayerLora, Lora, LoraSettings};
 pub use tokenizer::load_tokenizer;
 pub use weights::{weights_sha256, WeightStore};
 

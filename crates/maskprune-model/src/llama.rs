@@ -9,6 +9,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kernels::{HeadLoss, HeadTerms, Kernels};
+use crate::lora::{LayerLora, Lora};
 use crate::rope::{inverse_frequencies, Rotary};
 use crate::weights::WeightStore;
 
@@ -51,68 +52,6 @@ impl<B: Kernels> Linear<B> {
             return B::frozen_linear_add(residual, x, &self.weight);
         }
         residual + self.forward_lora(x, lora)
-    }
-}
-
-/// A low-rank adapter `scale·A·B` added to a linear layer (LoRA).
-#[derive(Debug, Clone)]
-pub struct Lora<B: Backend> {
-    /// Down projection, `[in, rank]`.
-    pub a: Tensor<B, 2>,
-    /// Up projection, `[rank, out]`.
-    pub b: Tensor<B, 2>,
-    /// `alpha / rank`.
-    pub scale: f64,
-}
-
-impl<B: Backend> Lora<B> {
-    /// The dense update `scale·A·B`, `[in, out]`, to merge into the weight.
-    pub fn delta(&self) -> Tensor<B, 2> {
-        self.a.clone().matmul(self.b.clone()).mul_scalar(self.scale)
-    }
-
-    /// `scale·(x·A)·B` for `x` `[batch, len, in]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, t, d_in] = x.dims();
-        let d_out = self.b.dims()[1];
-        x.reshape([b * t, d_in])
-            .matmul(self.a.clone())
-            .matmul(self.b.clone())
-            .mul_scalar(self.scale)
-            .reshape([b, t, d_out])
-    }
-}
-
-/// Optional LoRA adapters of one decoder layer, by projection.
-#[derive(Debug, Clone)]
-pub struct LayerLora<B: Backend> {
-    /// On `q_proj`.
-    pub q_proj: Option<Lora<B>>,
-    /// On `k_proj`.
-    pub k_proj: Option<Lora<B>>,
-    /// On `v_proj`.
-    pub v_proj: Option<Lora<B>>,
-    /// On `o_proj`.
-    pub o_proj: Option<Lora<B>>,
-    /// On `gate_proj`.
-    pub gate_proj: Option<Lora<B>>,
-    /// On `up_proj`.
-    pub up_proj: Option<Lora<B>>,
-    /// On `down_proj`.
-    pub down_proj: Option<Lora<B>>,
-}
-
-impl<B: Backend> Default for LayerLora<B> {
-    fn default() -> Self {
-        Self {
-            q_proj: None,
-            k_proj: None,
-            v_proj: None,
-            o_proj: None,
-            gate_proj: None,
-            up_proj: None,
-            down_proj: None,
-        }
     }
 }
 

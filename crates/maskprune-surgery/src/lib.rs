@@ -15,6 +15,6 @@ pub use plan::{Granularity, LayerPlan, PrunePlan, PrunedShape};
 pub use rank::{magnitude_plan, magnitude_scores, LayerScores};
 pub use surgery::{
     apply_plan, mask_checkpoint_with_lora, merge_adapters, prune_checkpoint,
-    prune_checkpoint_with_lora, read_lora_deltas, SurgeryReport,
+    prune_checkpoint_with_lora, SurgeryReport,
 };
 pub use widths::{decoder_linear_params, uniform_widths, Widths};

@@ -113,70 +113,6 @@ fn apply_cut(cut: &Cut, shape: &[usize], bytes: &[u8], elem: usize) -> (Vec<usiz
     }
 }
 
-/// Dense `[out, in]` LoRA deltas (shape, values) keyed by the weight they add to.
-pub type LoraDeltas = HashMap<String, (Vec<usize>, Vec<f32>)>;
-
-/// LoRA updates read from an adapters file (`maskprune train-masks` writes `lora.safetensors`:
-/// `NAME.lora_a` `[in, rank]`, `NAME.lora_b` `[rank, out]`, metadata `scale`), as dense
-/// `[out, in]` deltas keyed by the weight they add to (`NAME.weight`).
-pub fn read_lora_deltas(path: &Path) -> Result<LoraDeltas> {
-    let bad = |m: String| ModelError::new(path, m);
-    let data = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&data)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let scale: f64 = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("scale"))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| bad("no `scale` in the metadata: not a maskprune adapters file".into()))?;
-    let f32s = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-        let t = st
-            .tensor(name)
-            .map_err(|_| bad(format!("`{name}` is missing")))?;
-        if t.dtype() != safetensors::Dtype::F32 || t.shape().len() != 2 {
-            return Err(bad(format!("`{name}` must be a 2-D F32 tensor")));
-        }
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        Ok((t.shape().to_vec(), v))
-    };
-    let mut out = HashMap::new();
-    for name in st.names() {
-        let Some(base) = name.strip_suffix(".lora_a") else {
-            continue;
-        };
-        let (sa, a) = f32s(name)?;
-        let (sb, b) = f32s(&format!("{base}.lora_b"))?;
-        let (d_in, rank, d_out) = (sa[0], sa[1], sb[1]);
-        if sb[0] != rank {
-            return Err(bad(format!(
-                "`{base}`: lora_a is {sa:?} but lora_b is {sb:?}"
-            )));
-        }
-        // delta[o][i] = scale · Σ_k a[i][k] · b[k][o]  (transformers' [out, in] layout)
-        let mut delta = vec![0.0f32; d_out * d_in];
-        for i in 0..d_in {
-            for k in 0..rank {
-                let aik = a[i * rank + k] as f64 * scale;
-                if aik == 0.0 {
-                    continue;
-                }
-                for o in 0..d_out {
-                    delta[o * d_in + i] += (aik * b[k * d_out + o] as f64) as f32;
-                }
-            }
-        }
-        out.insert(format!("{base}.weight"), (vec![d_out, d_in], delta));
-    }
-    Ok(out)
-}
-
 /// Prunes the checkpoint in `src` with `plan` into a new directory `out` (atomically).
 pub fn prune_checkpoint(
     src: &Path,
@@ -187,7 +123,7 @@ pub fn prune_checkpoint(
     prune_checkpoint_with_lora(src, plan, None, out, overwrite)
 }
 
-/// Like [`prune_checkpoint`], first merging LoRA adapters (`lora`, see [`read_lora_deltas`])
+/// Like [`prune_checkpoint`], first merging LoRA adapters (`lora`, see [`maskprune_model::lora::read_deltas`])
 /// into their weights. Merged weights are written in F32 whatever the source dtype, so the
 /// pruned model computes exactly what the masked model with adapters computed.
 pub fn prune_checkpoint_with_lora(
@@ -303,7 +239,7 @@ fn write_plan(
     };
     let store = WeightStore::open(src)?;
     let mut deltas = match lora {
-        Some(p) => read_lora_deltas(p)?,
+        Some(p) => maskprune_model::lora::read_deltas(p)?,
         None => HashMap::new(),
     };
     let d = config.head_dim;

@@ -3,6 +3,8 @@
 use maskprune_surgery::Granularity;
 use serde::{Deserialize, Serialize};
 
+pub use maskprune_model::lora::{LoraSettings, LORA_TARGETS};
+
 use crate::minimax::MinimaxRates;
 
 /// A whole training configuration.
@@ -147,45 +149,6 @@ impl Default for TrainSettings {
     }
 }
 
-/// LoRA adapters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoraSettings {
-    /// Rank (0 turns LoRA off).
-    pub rank: usize,
-    /// Scale numerator: updates are multiplied by `alpha / rank`.
-    pub alpha: f64,
-    /// Projections that get adapters.
-    pub targets: Vec<String>,
-}
-
-impl LoraSettings {
-    /// Every target must be a projection adapters can attach to.
-    pub(crate) fn check_targets(&self) -> Result<(), String> {
-        match self
-            .targets
-            .iter()
-            .find(|x| !LORA_TARGETS.contains(&x.as_str()))
-        {
-            Some(bad) => Err(format!(
-                "lora.targets: unknown projection `{bad}` (one of {})",
-                LORA_TARGETS.join(", ")
-            )),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Default for LoraSettings {
-    fn default() -> Self {
-        Self {
-            rank: 8,
-            alpha: 16.0,
-            targets: vec!["q_proj".into(), "v_proj".into()],
-        }
-    }
-}
-
 /// A TOML configuration with `section.key=value` overrides applied (values in TOML syntax;
 /// bare words are strings), deserialised.
 pub(crate) fn parse_with_overrides<T: serde::de::DeserializeOwned>(
@@ -220,17 +183,6 @@ pub(crate) fn parse_with_overrides<T: serde::de::DeserializeOwned>(
         .try_into()
         .map_err(|e: toml::de::Error| e.message().to_string())
 }
-
-/// The projections LoRA adapters can target.
-pub(crate) const LORA_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 impl TrainConfig {
     /// Parses TOML text, applies `key=value` overrides (`section.key`, values in TOML syntax;

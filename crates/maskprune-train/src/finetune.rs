@@ -17,13 +17,13 @@ use maskprune_model::output::write_file_atomically;
 use maskprune_model::{weights_sha256, HeadTerms, LayerLora, Llama, TrainKernels, WeightStore};
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::Adapters;
 use crate::config::{parse_with_overrides, CalibrationConfig, LoraSettings, LORA_TARGETS};
 use crate::run::{
     batch_rows, err, open_log, read_checkpoint, split_calibration, truncate_log, write_checkpoint,
     Checkpoint, Provenance,
 };
 use crate::trainer::files;
+use maskprune_model::lora::Adapters;
 
 /// A recovery configuration (`--config` TOML, `--set section.key=value` overrides).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

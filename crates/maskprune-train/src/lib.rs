@@ -5,12 +5,10 @@
 //! * [`config`]: the TOML configuration and its overrides;
 //! * [`minimax`]: the host-side primal and dual updates;
 //! * [`extract`]: the budget, the unit kinds, and the extraction of a uniform plan;
-//! * [`adapters`]: LoRA adapters with Adam, saved as safetensors;
 //! * [`trainer`]: the loop, the run directory, checkpoints and resume;
 //! * [`finetune`]: recovery fine-tuning of a pruned checkpoint (LoRA, next-token loss and
 //!   distillation), with the same run directory mechanics.
 
-pub mod adapters;
 pub mod config;
 pub mod extract;
 pub mod finetune;
@@ -18,8 +16,8 @@ pub mod minimax;
 mod run;
 pub mod trainer;
 
-pub use adapters::Adapters;
 pub use config::TrainConfig;
 pub use extract::{Budget, LayerCounts};
 pub use finetune::{finetune, FinetuneConfig, FinetuneRecord, FinetuneSpec, FinetuneSummary};
+pub use maskprune_model::lora::Adapters;
 pub use trainer::{files, train, RunSpec, StepRecord, TrainSummary};

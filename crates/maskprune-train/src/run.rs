@@ -12,9 +12,9 @@ use maskprune_model::ModelConfig;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::Adapters;
 use crate::config::LoraSettings;
 use crate::trainer::files;
+use maskprune_model::lora::Adapters;
 
 /// `path: message`.
 pub(crate) fn err(path: &Path, m: impl std::fmt::Display) -> String {

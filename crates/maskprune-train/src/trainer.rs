@@ -23,7 +23,6 @@ use maskprune_baselines::{activation_scores, Method};
 use maskprune_model::Kernels;
 use maskprune_records::{run::OverLayers, MaskSnapshot, MaskState};
 
-use crate::adapters::Adapters;
 use crate::config::{MaskInit, TrainConfig};
 use crate::extract::Budget;
 use crate::minimax::{scheduled_target, MinimaxState, ATTENTION, CHANNELS};
@@ -31,6 +30,7 @@ use crate::run::{
     batch_rows, epoch_order, err, open_log, read_checkpoint, split_calibration, truncate_log,
     write_checkpoint, Checkpoint, Provenance,
 };
+use maskprune_model::lora::Adapters;
 
 pub use maskprune_records::run::files;
 

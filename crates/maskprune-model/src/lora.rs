@@ -1,16 +1,128 @@
-//! LoRA adapters kept on the host (exact checkpoints, a seeded initialisation) with their Adam
-//! state, turned into burn tensors for each step; saved as safetensors under the names
-//! `model.layers.{l}.{self_attn|mlp}.{proj}.lora_{a|b}` (`a`: `[in, rank]`, `b`: `[rank, out]`).
+//! LoRA, in one place: the adapter a layer adds in the forward pass ([`Lora`], per layer
+//! [`LayerLora`]), the settings ([`LoraSettings`]), the adapters kept on the host with their
+//! Adam state ([`Adapters`]: seeded initialisation, tensors for a step, the update, exact
+//! save/load), and the dense deltas surgery merges into the weights ([`read_deltas`]).
+//!
+//! Files are safetensors with `model.layers.{l}.{self_attn|mlp}.{proj}.lora_{a|b}`
+//! (`a`: `[in, rank]`, `b`: `[rank, out]`) and metadata `scale`, `targets`, `adam_steps`.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use maskprune_data::SplitMix64;
-use maskprune_model::{LayerLora, Lora, ModelConfig};
 use safetensors::tensor::TensorView;
+use serde::{Deserialize, Serialize};
 
-use crate::config::LoraSettings;
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+
+/// A low-rank adapter `scale·A·B` added to a linear layer (LoRA).
+#[derive(Debug, Clone)]
+pub struct Lora<B: Backend> {
+    /// Down projection, `[in, rank]`.
+    pub a: Tensor<B, 2>,
+    /// Up projection, `[rank, out]`.
+    pub b: Tensor<B, 2>,
+    /// `alpha / rank`.
+    pub scale: f64,
+}
+
+impl<B: Backend> Lora<B> {
+    /// `scale·(x·A)·B` for `x` `[batch, len, in]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d_in] = x.dims();
+        let d_out = self.b.dims()[1];
+        x.reshape([b * t, d_in])
+            .matmul(self.a.clone())
+            .matmul(self.b.clone())
+            .mul_scalar(self.scale)
+            .reshape([b, t, d_out])
+    }
+}
+
+/// Optional LoRA adapters of one decoder layer, by projection.
+#[derive(Debug, Clone)]
+pub struct LayerLora<B: Backend> {
+    /// On `q_proj`.
+    pub q_proj: Option<Lora<B>>,
+    /// On `k_proj`.
+    pub k_proj: Option<Lora<B>>,
+    /// On `v_proj`.
+    pub v_proj: Option<Lora<B>>,
+    /// On `o_proj`.
+    pub o_proj: Option<Lora<B>>,
+    /// On `gate_proj`.
+    pub gate_proj: Option<Lora<B>>,
+    /// On `up_proj`.
+    pub up_proj: Option<Lora<B>>,
+    /// On `down_proj`.
+    pub down_proj: Option<Lora<B>>,
+}
+
+impl<B: Backend> Default for LayerLora<B> {
+    fn default() -> Self {
+        Self {
+            q_proj: None,
+            k_proj: None,
+            v_proj: None,
+            o_proj: None,
+            gate_proj: None,
+            up_proj: None,
+            down_proj: None,
+        }
+    }
+}
+
+/// LoRA adapters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSettings {
+    /// Rank (0 turns LoRA off).
+    pub rank: usize,
+    /// Scale numerator: updates are multiplied by `alpha / rank`.
+    pub alpha: f64,
+    /// Projections that get adapters.
+    pub targets: Vec<String>,
+}
+
+impl LoraSettings {
+    /// Every target must be a projection adapters can attach to.
+    pub fn check_targets(&self) -> Result<(), String> {
+        match self
+            .targets
+            .iter()
+            .find(|x| !LORA_TARGETS.contains(&x.as_str()))
+        {
+            Some(bad) => Err(format!(
+                "lora.targets: unknown projection `{bad}` (one of {})",
+                LORA_TARGETS.join(", ")
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+        }
+    }
+}
+
+/// The projections LoRA adapters can target.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// One adapter matrix and its Adam moments.
 #[derive(Debug, Clone, PartialEq)]
@@ -199,7 +311,7 @@ impl Adapters {
         ]);
         let data = safetensors::serialize(views, Some(meta))
             .map_err(|e| format!("{}: cannot serialise: {e}", path.display()))?;
-        maskprune_model::output::write_file_atomically(path, &data).map_err(|e| e.to_string())
+        crate::output::write_file_atomically(path, &data).map_err(|e| e.to_string())
     }
 
     /// Reads adapters written by [`Adapters::save`], checking they fit `c` and `s`.
@@ -248,4 +360,68 @@ impl Adapters {
         }
         Ok(out)
     }
+}
+
+/// Dense `[out, in]` LoRA deltas (shape, values) keyed by the weight they add to.
+pub type LoraDeltas = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// LoRA updates read from an adapters file (`maskprune train-masks` writes `lora.safetensors`:
+/// `NAME.lora_a` `[in, rank]`, `NAME.lora_b` `[rank, out]`, metadata `scale`), as dense
+/// `[out, in]` deltas keyed by the weight they add to (`NAME.weight`).
+pub fn read_deltas(path: &Path) -> crate::Result<LoraDeltas> {
+    let bad = |m: String| ModelError::new(path, m);
+    let data = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&data)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let scale: f64 = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("scale"))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| bad("no `scale` in the metadata: not a maskprune adapters file".into()))?;
+    let f32s = |name: &str| -> crate::Result<(Vec<usize>, Vec<f32>)> {
+        let t = st
+            .tensor(name)
+            .map_err(|_| bad(format!("`{name}` is missing")))?;
+        if t.dtype() != safetensors::Dtype::F32 || t.shape().len() != 2 {
+            return Err(bad(format!("`{name}` must be a 2-D F32 tensor")));
+        }
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok((t.shape().to_vec(), v))
+    };
+    let mut out = HashMap::new();
+    for name in st.names() {
+        let Some(base) = name.strip_suffix(".lora_a") else {
+            continue;
+        };
+        let (sa, a) = f32s(name)?;
+        let (sb, b) = f32s(&format!("{base}.lora_b"))?;
+        let (d_in, rank, d_out) = (sa[0], sa[1], sb[1]);
+        if sb[0] != rank {
+            return Err(bad(format!(
+                "`{base}`: lora_a is {sa:?} but lora_b is {sb:?}"
+            )));
+        }
+        // delta[o][i] = scale · Σ_k a[i][k] · b[k][o]  (transformers' [out, in] layout)
+        let mut delta = vec![0.0f32; d_out * d_in];
+        for i in 0..d_in {
+            for k in 0..rank {
+                let aik = a[i * rank + k] as f64 * scale;
+                if aik == 0.0 {
+                    continue;
+                }
+                for o in 0..d_out {
+                    delta[o * d_in + i] += (aik * b[k * d_out + o] as f64) as f32;
+                }
+            }
+        }
+        out.insert(format!("{base}.weight"), (vec![d_out, d_in], delta));
+    }
+    Ok(out)
 }
