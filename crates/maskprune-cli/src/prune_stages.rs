@@ -99,7 +99,7 @@ pub fn rank(a: RankArgs) -> anyhow::Result<()> {
         write_scores(p, a.method, &scores)?;
     }
     let plan = plan_from_scores(&scores, &config, granularity, widths, a.method.name());
-    write_file_atomically(&a.out, &serde_json::to_vec_pretty(&plan)?)?;
+    plan.write(&a.out).map_err(anyhow::Error::msg)?;
     println!(
         "{} plan: {} query heads / {} KV heads / {} channels per layer -> {}",
         plan.method,
@@ -298,8 +298,5 @@ pub fn apply_plan_with_bar(
 }
 
 fn read_plan(path: &std::path::Path) -> anyhow::Result<PrunePlan> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: invalid prune plan: {e}", path.display()))
+    PrunePlan::read(path).map_err(anyhow::Error::msg)
 }

@@ -387,10 +387,7 @@ pub fn prune(a: PruneArgs) -> anyhow::Result<()> {
             run_training(&opts, &run_dir)?;
             write_report(&run_dir);
             let plan_path = run_dir.join(files::PLAN);
-            let plan: PrunePlan = serde_json::from_str(
-                &std::fs::read_to_string(&plan_path)
-                    .with_context(|| format!("{}: cannot read", plan_path.display()))?,
-            )?;
+            let plan = PrunePlan::read(&plan_path).map_err(anyhow::Error::msg)?;
             let lora = run_dir.join(files::LORA);
             apply_plan_with_bar(
                 &a.opts.model,
@@ -450,10 +447,8 @@ fn baseline_plan(a: &PruneArgs, method: Method, run_dir: &Path) -> anyhow::Resul
     };
     write_scores(&run_dir.join("scores.json"), method, &scores)?;
     let plan = plan_from_scores(&scores, &model_config, granularity, widths, method.name());
-    write_file_atomically(
-        &run_dir.join(files::PLAN),
-        &serde_json::to_vec_pretty(&plan)?,
-    )?;
+    plan.write(&run_dir.join(files::PLAN))
+        .map_err(anyhow::Error::msg)?;
     println!(
         "{} plan: {} query heads / {} KV heads / {} channels in every layer -> {}",
         method.name(),

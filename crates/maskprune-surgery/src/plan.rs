@@ -57,6 +57,37 @@ fn check_indices(what: &str, layer: usize, idx: &[usize], bound: usize) -> Resul
 }
 
 impl LayerPlan {
+    /// A layer keeping the attention units `attention` (KV groups, each with its query
+    /// heads, or query heads, each with its KV head, as `granularity` says) and `channels`;
+    /// both sorted.
+    pub fn from_units(
+        c: &ModelConfig,
+        granularity: Granularity,
+        attention: Vec<usize>,
+        channels: Vec<usize>,
+    ) -> Self {
+        let group = c.group_size();
+        let (query_heads, kv_heads) = match granularity {
+            Granularity::KvGroup => (
+                attention
+                    .iter()
+                    .flat_map(|&j| j * group..(j + 1) * group)
+                    .collect(),
+                attention,
+            ),
+            Granularity::QueryHead => {
+                let mut kv: Vec<usize> = attention.iter().map(|&q| q / group).collect();
+                kv.dedup();
+                (attention, kv)
+            }
+        };
+        Self {
+            query_heads,
+            kv_heads,
+            channels,
+        }
+    }
+
     /// Every kept query head's KV head (`group` query heads per KV head) is kept too.
     fn check_kv_heads_kept(&self, layer: usize, group: usize) -> Result<(), String> {
         match self
@@ -74,6 +105,20 @@ impl LayerPlan {
 }
 
 impl PrunePlan {
+    /// Reads a plan file (`maskprune rank`, `train-masks`); errors name the file.
+    pub fn read(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| format!("{}: invalid prune plan: {e}", path.display()))
+    }
+
+    /// Writes the plan as pretty JSON, atomically.
+    pub fn write(&self, path: &std::path::Path) -> Result<(), String> {
+        let json = serde_json::to_vec_pretty(self).expect("plans serialise");
+        maskprune_model::output::write_file_atomically(path, &json).map_err(|e| e.to_string())
+    }
+
     /// The plan that keeps every unit of every layer (a surgery that only merges adapters).
     pub fn keep_all(config: &ModelConfig, method: &str) -> Self {
         let layer = LayerPlan {

@@ -164,32 +164,26 @@ pub fn plan_from_scores(
     let layers = scores
         .iter()
         .map(|s| {
-            let (query_heads, kv_heads) = match granularity {
-                Granularity::KvGroup => {
-                    let kv = top_k(&s.kv_groups, widths.kv_heads);
-                    let q = kv
-                        .iter()
-                        .flat_map(|&j| j * group..(j + 1) * group)
-                        .collect();
-                    (q, kv)
-                }
+            let attention = match granularity {
+                Granularity::KvGroup => top_k(&s.kv_groups, widths.kv_heads),
+                // The same number of query heads in every KV group.
                 Granularity::QueryHead => {
                     let per_group = widths.query_heads / c.num_key_value_heads;
-                    let q = (0..c.num_key_value_heads)
+                    (0..c.num_key_value_heads)
                         .flat_map(|j| {
                             top_k(&s.query_heads[j * group..(j + 1) * group], per_group)
                                 .into_iter()
                                 .map(move |i| j * group + i)
                         })
-                        .collect();
-                    (q, (0..c.num_key_value_heads).collect())
+                        .collect()
                 }
             };
-            LayerPlan {
-                query_heads,
-                kv_heads,
-                channels: top_k(&s.channels, widths.channels),
-            }
+            LayerPlan::from_units(
+                c,
+                granularity,
+                attention,
+                top_k(&s.channels, widths.channels),
+            )
         })
         .collect();
     PrunePlan {

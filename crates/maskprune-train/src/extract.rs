@@ -250,28 +250,10 @@ impl Budget {
         };
         let attention = global_top(&z[ATTENTION], attention_total);
         let channels = global_top(&z[CHANNELS], channel_total);
-        let group = c.group_size();
         let plan_layers: Vec<LayerPlan> = attention
             .iter()
             .zip(&channels)
-            .map(|(a, ch)| {
-                let (query_heads, kv_heads): (Vec<usize>, Vec<usize>) = match self.granularity {
-                    Granularity::KvGroup => (
-                        a.iter().flat_map(|&j| j * group..(j + 1) * group).collect(),
-                        a.clone(),
-                    ),
-                    Granularity::QueryHead => {
-                        let mut kv: Vec<usize> = a.iter().map(|&q| q / group).collect();
-                        kv.dedup();
-                        (a.clone(), kv)
-                    }
-                };
-                LayerPlan {
-                    query_heads,
-                    kv_heads,
-                    channels: ch.clone(),
-                }
-            })
+            .map(|(a, ch)| LayerPlan::from_units(c, self.granularity, a.clone(), ch.clone()))
             .collect();
         let counts = attention
             .iter()

@@ -720,11 +720,7 @@ fn write_outputs(
     )
     .map_err(|e| e.to_string())?;
     adapters.save(&run.join(files::LORA), false)?;
-    write_file_atomically(
-        &run.join(files::PLAN),
-        &serde_json::to_vec_pretty(plan).expect("plan serialises"),
-    )
-    .map_err(|e| e.to_string())?;
+    plan.write(&run.join(files::PLAN))?;
     write_file_atomically(
         &run.join(files::SUMMARY),
         &serde_json::to_vec_pretty(summary).expect("summary serialises"),
