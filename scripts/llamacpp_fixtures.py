@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""The tiny fixtures of every family we load (tests/fixtures/tiny-{llama,mistral,qwen2}),
+"""The tiny fixtures of every family we load (tests/fixtures/tiny-{llama,mistral,qwen2,qwen3}),
 exported by `maskprune export-gguf` in f32 and run by llama.cpp (llama-cpp-python): its
 logits against transformers' reference logits committed with each fixture. This checks the
-`llama` and `qwen2` GGUF architectures (biases, rotary layouts) end to end without any model
+`llama`, `qwen2` and `qwen3` GGUF architectures (biases, rotary layouts, per-head q/k norms) end to end without any model
 download. Part of scripts/llamacpp-check.sh; writes results/llamacpp-fixtures.{json,md}.
 
 Usage: python llamacpp_fixtures.py MASKPRUNE_BIN WORK_DIR
@@ -16,7 +16,7 @@ import numpy as np
 from llama_cpp import Llama
 
 GGML_TYPE_F32 = 0
-FIXTURES = ["tiny-llama", "tiny-mistral", "tiny-qwen2"]
+FIXTURES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
 
 
 def main():

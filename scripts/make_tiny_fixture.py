@@ -12,6 +12,9 @@
   checkpoint exactly.
 * tiny-qwen2/, tiny-mistral/ (+ -reference.json): one-layer models of the other two
   families (Qwen2 has q/k/v biases and tied embeddings), with transformers' logits.
+* tiny-qwen3/ (+ -reference.json): a two-layer Qwen3 (per-head q/k RMSNorm, an explicit
+  head_dim of 16 with hidden 32, no biases), with transformers' logits dense and masked.
+  `scripts/make_tiny_fixture.py qwen3` writes only this one (the others stay as they are).
 * gguf-quant-vectors.json: random blocks of every supported quantised type and gguf-py's
   dequantisation of them, to check our dequantisers bit for bit.
 
@@ -24,8 +27,11 @@ import gguf
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+import sys
+
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures")
@@ -98,10 +104,11 @@ def quant_vectors():
     return out
 
 
-def family_fixture(name, config_cls, model_cls, tok, extra):
-    """A one-layer model of another family, saved in f16, with transformers' logits."""
+def family_fixture(name, config_cls, model_cls, tok, extra, layers=1, masks=False):
+    """A model of another family, saved in f16, with transformers' logits (and, with `masks`,
+    the logits under one zeroed and one halved query head and every third channel zeroed)."""
     torch.manual_seed(1)
-    cfg = config_cls(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    cfg = config_cls(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                      rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0, **extra)
     model = model_cls(cfg).eval()
@@ -114,17 +121,36 @@ def family_fixture(name, config_cls, model_cls, tok, extra):
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(model_dir)
     model = model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.tensor([tok.encode("Every layer keeps the same width, so the model stays standard.").ids[:10]])
+    r = lambda t: [float(f"{v:.7g}") for v in t.reshape(-1).tolist()]
     with torch.no_grad():
         logits = model(ids).logits
+    out = {"generated_by": "scripts/make_tiny_fixture.py", "transformers_class": type(model).__name__,
+           "input_ids": ids.tolist(), "logits": r(logits)}
+    if masks:
+        heads = cfg.num_attention_heads
+        head_masks = [[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.5, 1.0]][:layers]
+        channel_masks = [None, [0.0 if c % 3 == 0 else 1.0 for c in range(cfg.intermediate_size)]][:layers]
+        assert all(len(m) == heads for m in head_masks)
+        with torch.no_grad():
+            masked = masked_logits(model, ids, head_masks, channel_masks)
+        out.update({"head_masks": head_masks, "channel_masks": channel_masks, "masked_logits": r(masked)})
     with open(os.path.join(OUT, f"{name}-reference.json"), "w") as f:
-        json.dump({"generated_by": "scripts/make_tiny_fixture.py", "transformers_class": type(model).__name__,
-                   "input_ids": ids.tolist(), "logits": [float(f"{v:.7g}") for v in logits.reshape(-1).tolist()]}, f)
+        json.dump(out, f)
+
+
+def qwen3_fixture(tok):
+    family_fixture("tiny-qwen3", Qwen3Config, Qwen3ForCausalLM, tok,
+                   {"head_dim": 16, "tie_word_embeddings": False, "rope_theta": 1e6}, layers=2, masks=True)
 
 
 def main():
     os.makedirs(OUT, exist_ok=True)
     torch.manual_seed(0)
     tok = build_tokenizer()
+    if sys.argv[1:] == ["qwen3"]:
+        qwen3_fixture(tok)
+        print("wrote", os.path.join(OUT, "tiny-qwen3"))
+        return
     vocab_size = tok.get_vocab_size()
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -216,6 +242,7 @@ def main():
 
     family_fixture("tiny-qwen2", Qwen2Config, Qwen2ForCausalLM, tok, {"tie_word_embeddings": True, "rope_theta": 1e6})
     family_fixture("tiny-mistral", MistralConfig, MistralForCausalLM, tok, {"sliding_window": 64, "rope_theta": 1e4})
+    qwen3_fixture(tok)
     with open(os.path.join(OUT, "gguf-quant-vectors.json"), "w") as f:
         json.dump({"generated_by": "scripts/make_tiny_fixture.py (gguf-py dequantize)", "vectors": quant_vectors()}, f)
     print("wrote", OUT)

@@ -43,7 +43,7 @@ fn forward<Bk: Kernels>(
 
 #[test]
 fn generic_path_logits_match_transformers_for_every_family() {
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2"] {
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
         let reference = read_json(&format!("{name}-reference.json"));
         let ours = host(forward(&load(name), &rows(&reference), None));
         let diff = max_abs_diff(&ours, &floats(&reference["logits"]));
@@ -76,7 +76,7 @@ fn generic_path_masked_logits_match_transformers() {
 
 #[test]
 fn generic_path_cached_decoding_equals_its_full_forward_and_the_fused_path() {
-    for name in ["tiny-llama", "tiny-qwen2"] {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
         let reference = read_json(&format!("{name}-reference.json"));
         let model = load(name);
         let all = rows(&reference);

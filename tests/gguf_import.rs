@@ -202,6 +202,36 @@ fn qwen2_exports_as_its_own_architecture_and_imports_back() {
 }
 
 #[test]
+fn qwen3_exports_with_its_head_norms_and_imports_back() {
+    // llama.cpp's `qwen3`: per-head q/k norms (`attn_q_norm`, `attn_k_norm`), an explicit
+    // head width (`attention.key_length`), rows in Hugging Face's order.
+    let worst = export_round_trip(
+        &fixtures().join("tiny-qwen3"),
+        &[(GgmlType::F32, 0.0), (GgmlType::Q8_0, 1e-2)],
+    );
+    eprintln!("largest relative RMS error per type: {worst:?}");
+    let out = scratch("export-qwen3-arch").join("tiny-qwen3.gguf");
+    maskprune_gguf::export_gguf(
+        &fixtures().join("tiny-qwen3"),
+        &out,
+        GgmlType::F32,
+        false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let file = maskprune_gguf::GgufFile::open(&out).unwrap();
+    let arch = file.get("general.architecture").and_then(|v| v.as_str());
+    assert_eq!(arch, Some("qwen3"));
+    let key_length = file
+        .get("qwen3.attention.key_length")
+        .and_then(|v| v.as_u64());
+    assert_eq!(key_length, Some(16));
+    for name in ["blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"] {
+        assert!(file.tensors.iter().any(|t| t.name == name), "{name}");
+    }
+}
+
+#[test]
 fn exported_gguf_imports_back_within_each_types_precision() {
     let worst = export_round_trip(
         &fixtures().join("tiny-llama"),

@@ -20,12 +20,16 @@ fn logits(model: &Llama<B>, masks: Option<&[maskprune_model::LayerMask<B>]>) -> 
 }
 
 fn check(granularity: Granularity, sparsity: f64, expect: (usize, usize)) {
-    let src = fixtures().join("tiny-llama");
+    check_model("tiny-llama", granularity, sparsity, expect);
+}
+
+fn check_model(name: &str, granularity: Granularity, sparsity: f64, expect: (usize, usize)) {
+    let src = fixtures().join(name);
     let config = ModelConfig::from_file(&src.join("config.json")).unwrap();
     let store = WeightStore::open(&src).unwrap();
     let widths = uniform_widths(&config, granularity, sparsity, 16).unwrap();
     let plan = magnitude_plan(&store, &config, granularity, widths).unwrap();
-    let out = scratch(&format!("surgery-{granularity:?}")).join("pruned");
+    let out = scratch(&format!("surgery-{name}-{granularity:?}")).join("pruned");
     let report = prune_checkpoint(&src, &plan, &out, false).unwrap();
     assert_eq!(
         (
@@ -70,6 +74,12 @@ fn kv_group_surgery_equals_the_masked_model() {
 #[test]
 fn query_head_surgery_equals_the_masked_model() {
     check(Granularity::QueryHead, 0.5, (2, 2));
+}
+
+#[test]
+fn qwen3_surgery_keeps_the_shared_head_norms_and_equals_the_masked_model() {
+    check_model("tiny-qwen3", Granularity::KvGroup, 0.5, (2, 1));
+    check_model("tiny-qwen3", Granularity::QueryHead, 0.5, (2, 2));
 }
 
 #[test]

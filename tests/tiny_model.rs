@@ -184,6 +184,26 @@ fn qwen2_with_qkv_biases_and_tied_embeddings_matches_transformers() {
 }
 
 #[test]
+fn qwen3_with_head_norms_and_explicit_head_dim_matches_transformers_dense_and_masked() {
+    family_logits_match("tiny-qwen3");
+    let reference = read_json("tiny-qwen3-reference.json");
+    let model = Llama::<B>::load(&fixtures().join("tiny-qwen3"), &Default::default()).unwrap();
+    let attn = &model.layers[0].self_attn;
+    assert!(attn.q_norm.is_some() && attn.k_norm.is_some() && attn.q_proj.bias.is_none());
+    assert_eq!((model.config.hidden_size, model.config.head_dim), (32, 16));
+    let masks: Vec<LayerMask<B>> = (0..2)
+        .map(|l| LayerMask {
+            heads: mask(&reference["head_masks"][l]),
+            channels: mask(&reference["channel_masks"][l]),
+        })
+        .collect();
+    let ours = logits(&model, &inputs(&reference), Some(&masks));
+    let diff = max_abs_diff(&ours, &floats(&reference["masked_logits"]));
+    assert!(diff < 1e-4, "masked: max |dlogit| = {diff}");
+    assert!(max_abs_diff(&ours, &floats(&reference["logits"])) > 1e-2);
+}
+
+#[test]
 fn mistral_matches_transformers_and_refuses_sequences_beyond_its_window() {
     family_logits_match("tiny-mistral");
     let model = Llama::<B>::load(&fixtures().join("tiny-mistral"), &Default::default()).unwrap();

@@ -50,10 +50,24 @@ fn check(granularity: &str, init: &str) {
 
 /// Trains with `extra` overrides; returns the log's records.
 fn check_with(granularity: &str, init: &str, extra: &[&str]) -> Vec<serde_json::Value> {
-    let src = fixtures().join("tiny-llama");
+    check_model("tiny-llama", granularity, init, extra)
+}
+
+/// Trains the fixture `name` with `extra` overrides; returns the log's records.
+fn check_model(
+    name: &str,
+    granularity: &str,
+    init: &str,
+    extra: &[&str],
+) -> Vec<serde_json::Value> {
+    let src = fixtures().join(name);
     let cfg = config(granularity, init, extra);
     let calib = random_calibration(24, 16);
-    let run = scratch(&format!("train-{granularity}-{init}-{}", extra.len())).join("run");
+    let run = scratch(&format!(
+        "train-{name}-{granularity}-{init}-{}",
+        extra.len()
+    ))
+    .join("run");
     std::fs::create_dir_all(&run).unwrap();
     let model = Llama::<AD>::load(&src, &Default::default()).unwrap();
     let mut seen = 0;
@@ -169,6 +183,11 @@ fn activation_aware_initialisations_and_layer_distillation_train() {
         + r["uniformity_term"].as_f64().unwrap()
         + r["budget_term"].as_f64().unwrap();
     assert!((r["lagrangian"].as_f64().unwrap() - parts).abs() < 1e-9);
+}
+
+#[test]
+fn qwen3_training_gives_a_uniform_plan_and_exact_surgery() {
+    check_model("tiny-qwen3", "kv_group", "fisher", &[]);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Hugging Face directory to GGUF as llama.cpp reads it: the `llama` (llama, mistral) or
-//! `qwen2` architecture's metadata (with the pruned shapes: `attention.key_length` /
+//! `qwen2` or `qwen3` architecture's metadata (with the pruned shapes: `attention.key_length` /
 //! `value_length` when `head_dim` is not `hidden / heads`, `rope.dimension_count = head_dim`,
 //! the KV heads, the feed-forward length), the byte-level BPE tokenizer rebuilt from
 //! `tokenizer.json` and the chat template, q/k rows permuted into llama.cpp's rotary layout
@@ -91,6 +91,8 @@ fn gguf_name(hf: &str, layers: usize) -> Option<String> {
         "attn_k",
         "attn_v",
         "attn_output",
+        "attn_q_norm",
+        "attn_k_norm",
         "ffn_gate",
         "ffn_up",
         "ffn_down",

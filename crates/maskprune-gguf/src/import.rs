@@ -69,6 +69,8 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -130,14 +132,16 @@ fn required(file: &GgufFile, key: &str) -> Result<u64, String> {
     meta_u64(file, key)?.ok_or_else(|| format!("metadata `{key}` is missing"))
 }
 
-/// The `config.json` a GGUF of a supported architecture (`llama`, `qwen2`) describes.
+/// The `config.json` a GGUF of a supported architecture (`llama`, `qwen2`, `qwen3`) describes.
 pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
     let arch = file
         .get("general.architecture")
         .and_then(MetaValue::as_str)
         .ok_or("metadata `general.architecture` is missing")?;
     let family = Family::from_gguf_architecture(arch).ok_or_else(|| {
-        format!("architecture \"{arch}\" is not supported (only \"llama\" and \"qwen2\")")
+        format!(
+            "architecture \"{arch}\" is not supported (only \"llama\", \"qwen2\" and \"qwen3\")"
+        )
     })?;
     // The architecture's own metadata keys: `llama.block_count`, `qwen2.block_count`, ...
     let key = |k: &str| format!("{arch}.{k}");
@@ -249,6 +253,9 @@ fn expected_shape(name: &str, c: &ModelConfig) -> Option<Vec<usize>> {
                 "self_attn.o_proj.weight" => vec![h, q],
                 "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![f, h],
                 "mlp.down_proj.weight" => vec![h, f],
+                "self_attn.q_norm.weight" | "self_attn.k_norm.weight" if c.family.qk_norm() => {
+                    vec![c.head_dim]
+                }
                 "self_attn.q_proj.bias" => vec![q],
                 "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
                 "self_attn.o_proj.bias" | "mlp.down_proj.bias" => vec![h],

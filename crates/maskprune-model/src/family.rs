@@ -1,5 +1,5 @@
-//! Model-family adapters: everything that differs between `llama`, `mistral` and `qwen2`
-//! lives here, so the rest of the code never tests `model_type`.
+//! Model-family adapters: everything that differs between `llama`, `mistral`, `qwen2` and
+//! `qwen3` lives here, so the rest of the code never tests `model_type`.
 
 use serde_json::{Map, Value};
 
@@ -14,7 +14,8 @@ pub struct Biases {
     pub mlp: bool,
 }
 
-/// A supported decoder family. All share the LLaMA block (RMSNorm, RoPE, GQA, SwiGLU).
+/// A supported decoder family. All share the LLaMA block (RMSNorm, RoPE, GQA, SwiGLU);
+/// Qwen3 adds an RMSNorm over each query and key head before the rotary embedding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     /// `model_type: llama` (LLaMA 1/2/3, SmolLM, TinyLlama, ...).
@@ -23,6 +24,8 @@ pub enum Family {
     Mistral,
     /// `model_type: qwen2`.
     Qwen2,
+    /// `model_type: qwen3`.
+    Qwen3,
 }
 
 impl Family {
@@ -32,6 +35,7 @@ impl Family {
             "llama" => Some(Family::Llama),
             "mistral" => Some(Family::Mistral),
             "qwen2" => Some(Family::Qwen2),
+            "qwen3" => Some(Family::Qwen3),
             _ => None,
         }
     }
@@ -42,6 +46,7 @@ impl Family {
             Family::Llama => "llama",
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 
@@ -51,6 +56,7 @@ impl Family {
             Family::Llama => "LlamaForCausalLM",
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 
@@ -59,6 +65,7 @@ impl Family {
         match self {
             Family::Llama | Family::Mistral => "llama",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 
@@ -67,15 +74,22 @@ impl Family {
         match arch {
             "llama" => Some(Family::Llama),
             "qwen2" => Some(Family::Qwen2),
+            "qwen3" => Some(Family::Qwen3),
             _ => None,
         }
     }
 
     /// Whether llama.cpp stores this family's q/k rows interleaved per head (its `llama`
     /// rotary layout, which the converters permute into) rather than in Hugging Face's
-    /// half-split order (`qwen2`: NEOX-style rotary, rows as they are).
+    /// half-split order (`qwen2`, `qwen3`: NEOX-style rotary, rows as they are).
     pub fn gguf_permutes_qk(self) -> bool {
-        !matches!(self, Family::Qwen2)
+        !matches!(self, Family::Qwen2 | Family::Qwen3)
+    }
+
+    /// Whether each query and key head is RMS-normalised (weights `self_attn.q_norm` and
+    /// `self_attn.k_norm`, `[head_dim]`, shared by the heads) before the rotary embedding.
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Family::Qwen3)
     }
 
     /// Which linear layers carry biases, read the way transformers reads this family's config.
@@ -88,7 +102,7 @@ impl Family {
             }
         };
         Ok(match self {
-            Family::Llama => {
+            Family::Llama | Family::Qwen3 => {
                 let attention = flag("attention_bias")?;
                 Biases {
                     qkv: attention,
@@ -118,7 +132,7 @@ impl Family {
         match self {
             Family::Llama => Ok(None),
             Family::Mistral => Ok(window),
-            Family::Qwen2 => {
+            Family::Qwen2 | Family::Qwen3 => {
                 let used = matches!(fields.get("use_sliding_window"), Some(Value::Bool(true)));
                 if used {
                     Err("`use_sliding_window: true` (per-layer sliding-window attention) is not supported".into())

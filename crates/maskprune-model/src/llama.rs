@@ -117,6 +117,10 @@ pub struct Attention<B: Backend> {
     pub v_proj: Linear<B>,
     /// Output projection, `[heads * head_dim, hidden]`.
     pub o_proj: Linear<B>,
+    /// RMSNorm over each query head before the rotary embedding (Qwen3), `[head_dim]`.
+    pub q_norm: Option<RmsNorm<B>>,
+    /// The same over each key head.
+    pub k_norm: Option<RmsNorm<B>>,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads.
@@ -195,8 +199,15 @@ impl<B: Kernels> Attention<B> {
             .k_proj
             .forward_lora(x.clone(), adapter(|l| l.k_proj.as_ref()));
         let v = self.v_proj.forward_lora(x, adapter(|l| l.v_proj.as_ref()));
-        let q = rotary.apply(q.reshape([b, t, h, d]));
-        let k = rotary.apply(k.reshape([b, t, kvh, d]));
+        // Per-head RMSNorm (Qwen3) normalises each `d`-wide head: rows of `[b, t·heads, d]`.
+        let head_norm = |x: Tensor<B, 3>, norm: &Option<RmsNorm<B>>, heads: usize| match norm {
+            Some(n) => n
+                .forward(x.reshape([b, t * heads, d]))
+                .reshape([b, t, heads, d]),
+            None => x.reshape([b, t, heads, d]),
+        };
+        let q = rotary.apply(head_norm(q, &self.q_norm, h));
+        let k = rotary.apply(head_norm(k, &self.k_norm, kvh));
         (q, k, v.reshape([b, t, kvh, d]))
     }
 
@@ -477,11 +488,18 @@ impl<B: Backend> Llama<B> {
                 },
             })
         };
-        let norm = |name: &str| -> Result<RmsNorm<B>> {
+        let norm_of = |name: &str, len: usize| -> Result<RmsNorm<B>> {
             Ok(RmsNorm {
-                weight: vector(name, h)?,
+                weight: vector(name, len)?,
                 eps: c.rms_norm_eps,
             })
+        };
+        let norm = |name: &str| norm_of(name, h);
+        let head_norm = |name: String| -> Result<Option<RmsNorm<B>>> {
+            c.family
+                .qk_norm()
+                .then(|| norm_of(&name, c.head_dim))
+                .transpose()
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -494,6 +512,8 @@ impl<B: Backend> Llama<B> {
                     k_proj: linear(&format!("{p}.self_attn.k_proj"), h, kv_out, b.qkv)?,
                     v_proj: linear(&format!("{p}.self_attn.v_proj"), h, kv_out, b.qkv)?,
                     o_proj: linear(&format!("{p}.self_attn.o_proj"), q_out, h, b.o)?,
+                    q_norm: head_norm(format!("{p}.self_attn.q_norm.weight"))?,
+                    k_norm: head_norm(format!("{p}.self_attn.k_norm.weight"))?,
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
@@ -750,6 +770,8 @@ impl<B: AutodiffBackend> Llama<B> {
                         k_proj: linear(&l.self_attn.k_proj),
                         v_proj: linear(&l.self_attn.v_proj),
                         o_proj: linear(&l.self_attn.o_proj),
+                        q_norm: l.self_attn.q_norm.as_ref().map(norm),
+                        k_norm: l.self_attn.k_norm.as_ref().map(norm),
                         num_heads: l.self_attn.num_heads,
                         num_kv_heads: l.self_attn.num_kv_heads,
                         head_dim: l.self_attn.head_dim,
@@ -829,6 +851,8 @@ mod tests {
             q_proj: linear(hidden, heads * d, 1),
             k_proj: linear(hidden, kv_heads * d, 2),
             v_proj: linear(hidden, kv_heads * d, 3),
+            q_norm: None,
+            k_norm: None,
             o_proj: linear(heads * d, hidden, 4),
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -874,6 +898,8 @@ mod tests {
             q_proj: linear(hidden, 2 * d, 1),
             k_proj: linear(hidden, d, 2),
             v_proj: linear(hidden, d, 3),
+            q_norm: None,
+            k_norm: None,
             o_proj: linear(2 * d, hidden, 4),
             num_heads: 2,
             num_kv_heads: 1,
