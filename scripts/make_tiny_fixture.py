@@ -63,7 +63,8 @@ def permute(w, n_head, n_head_kv):
 
 def masked_logits(model, ids, head_masks, channel_masks):
     """Logits with per-layer masks applied as maskprune applies them."""
-    hd = model.config.head_dim
+    c = model.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     handles = []
     for i, layer in enumerate(model.model.layers):
         hm, cm = head_masks[i], channel_masks[i]
