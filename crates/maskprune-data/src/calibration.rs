@@ -195,3 +195,117 @@ mod tests {
         );
     }
 }
+
+/// How a calibration set is drawn.
+#[derive(Debug, Clone, Copy)]
+pub struct Draw<'a> {
+    /// A dataset manifest of role `calibration`.
+    pub dataset: &'a str,
+    /// Windows (packed: at most this many, 0 for all).
+    pub samples: usize,
+    /// Tokens per window.
+    pub seq_len: usize,
+    /// Seed of the draw (or of the packed windows' order).
+    pub seed: u64,
+    /// Consecutive windows of the documents' concatenation instead of random ones.
+    pub packed: bool,
+}
+
+/// The tokenizer a calibration set is encoded with.
+pub struct Encoder<'a> {
+    /// The model's tokenizer.
+    pub tokenizer: &'a tokenizers::Tokenizer,
+    /// SHA-256 of its `tokenizer.json` (recorded in the set).
+    pub sha256: String,
+    /// The token put between packed documents (the model's end-of-text), if any.
+    pub separator: Option<u32>,
+}
+
+/// Draws a calibration set from a dataset of role `calibration`, skipping the rows its
+/// evaluation protocol uses; `progress(done, total)` counts encoded documents.
+pub fn draw_calibration(
+    d: &Draw,
+    encoder: &Encoder,
+    data_dir: Option<&std::path::Path>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<CalibrationSet> {
+    if !((d.samples > 0 || d.packed) && d.seq_len > 1) {
+        return Err(DataError(
+            "calibration needs a positive number of samples and a seq-len of at least 2".into(),
+        ));
+    }
+    let manifest = crate::resolve_dataset(d.dataset)?.ok_or_else(|| {
+        DataError(format!(
+            "{}: calibration needs a dataset manifest of role `calibration`",
+            d.dataset
+        ))
+    })?;
+    if manifest.role != crate::Role::Calibration {
+        return Err(DataError(format!(
+            "dataset `{}` is evaluation text; calibration must never use it (use c4 or a manifest with role = \"calibration\")",
+            manifest.name
+        )));
+    }
+    let (rows, file, sha256) = crate::load_rows(&manifest, data_dir)?;
+    // Rows the manifest's evaluation protocol uses (`take`) are never calibration documents.
+    let first = manifest.take.unwrap_or(0).min(rows.len());
+    let docs = &rows[first..];
+    let in_file = |m: String| DataError(format!("{}: {m}", file.display()));
+    if docs.is_empty() {
+        return Err(in_file(format!(
+            "no documents left after the {first} used for evaluation"
+        )));
+    }
+    // Sampling encodes one document per window (a few more when documents are short);
+    // packing encodes each document once.
+    let total = if d.packed { docs.len() } else { d.samples };
+    let done = std::cell::Cell::new(0);
+    let progress = std::cell::RefCell::new(progress);
+    let encode = |text: &str| -> Result<Vec<u32>> {
+        done.set(done.get() + 1);
+        (progress.borrow_mut())(done.get(), total);
+        let enc = encoder
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| in_file(format!("tokenization failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    };
+    let windows = if d.packed {
+        let n = (d.samples > 0).then_some(d.samples);
+        pack_windows(docs, &encode, n, d.seq_len, encoder.separator, d.seed)
+    } else {
+        sample_windows(docs, &encode, d.samples, d.seq_len, d.seed)
+    }
+    .map_err(|e| in_file(e.0))?;
+    Ok(CalibrationSet {
+        dataset: manifest.name.clone(),
+        file: file.display().to_string(),
+        sha256,
+        documents: (first, rows.len()),
+        seed: d.seed,
+        seq_len: d.seq_len,
+        tokenizer_sha256: encoder.sha256.clone(),
+        samples: windows,
+        packed: d.packed,
+    })
+}
+
+impl CalibrationSet {
+    /// Reads a calibration set written by `maskprune calib`; errors name the file.
+    pub fn read(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DataError(format!("{}: cannot read: {e}", path.display())))?;
+        serde_json::from_str(&text)
+            .map_err(|e| DataError(format!("{}: invalid calibration set: {e}", path.display())))
+    }
+
+    /// Refuses token ids the model's vocabulary (`vocab` entries) does not have.
+    pub fn check_vocabulary(&self, vocab: usize) -> Result<()> {
+        match self.samples.iter().flatten().find(|&&t| t as usize >= vocab) {
+            Some(bad) => Err(DataError(format!(
+                "calibration set has token id {bad} but the model's vocabulary has {vocab} entries (drawn with another tokenizer?)"
+            ))),
+            None => Ok(()),
+        }
+    }
+}

@@ -7,7 +7,9 @@ pub mod manifest;
 pub mod text;
 pub mod windows;
 
-pub use calibration::{pack_windows, sample_windows, CalibrationSet, SplitMix64};
+pub use calibration::{
+    draw_calibration, pack_windows, sample_windows, CalibrationSet, Draw, Encoder, SplitMix64,
+};
 pub use manifest::{builtin_manifests, DatasetManifest, Format, Role};
 pub use text::{data_dir_candidates, load_dataset, load_rows, resolve_dataset, LoadedText};
 pub use windows::windows;
