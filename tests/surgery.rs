@@ -83,6 +83,47 @@ fn qwen3_surgery_keeps_the_shared_head_norms_and_equals_the_masked_model() {
 }
 
 #[test]
+fn a_tensor_the_family_does_not_know_is_an_error_not_kept() {
+    // A fused projection (Phi-3's `gate_up_proj`) would be silently mis-pruned if kept.
+    let src = fixtures().join("tiny-llama");
+    let dir = scratch("unknown-tensor");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let extra = vec![0u8; 4 * 8];
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
+    views.push((
+        "model.layers.1.mlp.gate_up_proj.weight".into(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4], &extra).unwrap(),
+    ));
+    std::fs::write(
+        model.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let config = ModelConfig::from_file(&model.join("config.json")).unwrap();
+    let store = WeightStore::open(&model).unwrap();
+    let widths = uniform_widths(&config, Granularity::KvGroup, 0.5, 16).unwrap();
+    let plan = magnitude_plan(&store, &config, Granularity::KvGroup, widths).unwrap();
+    let err = prune_checkpoint(&model, &plan, &dir.join("out"), false).unwrap_err();
+    assert!(
+        err.message.contains(
+            "`model.layers.1.mlp.gate_up_proj.weight` is not part of the llama architecture"
+        ),
+        "{err}"
+    );
+    assert!(!dir.join("out").exists());
+}
+
+#[test]
 fn invalid_plans_are_refused_with_the_reason() {
     let src = fixtures().join("tiny-llama");
     let config = ModelConfig::from_file(&src.join("config.json")).unwrap();

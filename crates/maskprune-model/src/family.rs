@@ -14,6 +14,84 @@ pub struct Biases {
     pub mlp: bool,
 }
 
+/// The units pruning removes: a query head, a KV head (with its query heads) or an MLP
+/// channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// `head_dim` rows of `q_proj`, columns of `o_proj`.
+    QueryHead,
+    /// `head_dim` rows of `k_proj` and `v_proj`.
+    KvHead,
+    /// One row of `gate_proj` and `up_proj`, one column of `down_proj`.
+    Channel,
+}
+
+/// How pruning slices a tensor, in the Hugging Face `[out, in]` layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slicing {
+    /// Untouched (embeddings, norms, the LM head, per-head norms shared by the heads).
+    Whole,
+    /// Each unit owns a block of rows (of a bias: of entries).
+    Rows(Unit),
+    /// Each unit owns a block of columns.
+    Cols(Unit),
+}
+
+/// The tensors of one decoder layer, named after `model.layers.{i}.`, and how units slice
+/// them: the one place these names and slices are written down.
+pub fn layer_tensors(family: Family, biases: Biases) -> Vec<(&'static str, Slicing)> {
+    use Slicing::{Cols, Rows, Whole};
+    use Unit::{Channel, KvHead, QueryHead};
+    let mut t = vec![
+        ("input_layernorm.weight", Whole),
+        ("post_attention_layernorm.weight", Whole),
+        ("self_attn.q_proj.weight", Rows(QueryHead)),
+        ("self_attn.k_proj.weight", Rows(KvHead)),
+        ("self_attn.v_proj.weight", Rows(KvHead)),
+        ("self_attn.o_proj.weight", Cols(QueryHead)),
+        ("mlp.gate_proj.weight", Rows(Channel)),
+        ("mlp.up_proj.weight", Rows(Channel)),
+        ("mlp.down_proj.weight", Cols(Channel)),
+    ];
+    if biases.qkv {
+        t.extend([
+            ("self_attn.q_proj.bias", Rows(QueryHead)),
+            ("self_attn.k_proj.bias", Rows(KvHead)),
+            ("self_attn.v_proj.bias", Rows(KvHead)),
+        ]);
+    }
+    if biases.o {
+        t.push(("self_attn.o_proj.bias", Whole));
+    }
+    if biases.mlp {
+        t.extend([
+            ("mlp.gate_proj.bias", Rows(Channel)),
+            ("mlp.up_proj.bias", Rows(Channel)),
+            ("mlp.down_proj.bias", Whole),
+        ]);
+    }
+    if family.qk_norm() {
+        t.extend([
+            ("self_attn.q_norm.weight", Whole),
+            ("self_attn.k_norm.weight", Whole),
+        ]);
+    }
+    t
+}
+
+/// The tensors outside the decoder layers (a tied checkpoint may leave out the LM head).
+pub const OUTER_TENSORS: [&str; 3] = [
+    "model.embed_tokens.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+];
+
+/// `(layer, name within the layer)` of a decoder-layer tensor name.
+pub fn split_layer_name(name: &str) -> Option<(usize, &str)> {
+    let (layer, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+    Some((layer.parse().ok()?, tail))
+}
+
 /// A supported decoder family. All share the LLaMA block (RMSNorm, RoPE, GQA, SwiGLU);
 /// Qwen3 adds an RMSNorm over each query and key head before the rotary embedding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use maskprune_model::family::{layer_tensors, split_layer_name, Slicing, Unit, OUTER_TENSORS};
 use maskprune_model::output::{write_dir_atomically, write_file_atomically};
 use maskprune_model::{weights_sha256, ModelConfig, ModelError, Result, WeightStore};
 use safetensors::tensor::TensorView;
@@ -37,37 +38,57 @@ enum Cut<'a> {
     Cols(&'a [usize], usize),
 }
 
-fn cut_for<'a>(name: &str, plan: &'a PrunePlan, d: usize, masked: bool) -> Cut<'a> {
-    let Some(rest) = name.strip_prefix("model.layers.") else {
-        return Cut::Keep;
+/// How `name` is cut by `plan`, from the family's tensor schema; a tensor the schema does not
+/// know is an error (surgery cannot know how units slice it).
+fn cut_for<'a>(
+    name: &str,
+    plan: &'a PrunePlan,
+    c: &ModelConfig,
+    masked: bool,
+) -> std::result::Result<Cut<'a>, String> {
+    let unknown = || {
+        format!(
+            "tensor `{name}` is not part of the {} architecture: surgery cannot know how pruning slices it",
+            c.family.model_type()
+        )
     };
-    let Some((layer, tail)) = rest.split_once('.') else {
-        return Cut::Keep;
+    let Some((layer, tail)) = split_layer_name(name) else {
+        return OUTER_TENSORS
+            .contains(&name)
+            .then_some(Cut::Keep)
+            .ok_or_else(unknown);
     };
-    let Some(p) = layer.parse::<usize>().ok().and_then(|l| plan.layers.get(l)) else {
-        return Cut::Keep;
+    let p = plan.layers.get(layer).ok_or_else(unknown)?;
+    let slicing = layer_tensors(c.family, c.biases)
+        .into_iter()
+        .find(|(t, _)| *t == tail)
+        .map(|(_, s)| s)
+        .ok_or_else(unknown)?;
+    let units = |u: Unit| -> (&'a [usize], usize) {
+        match u {
+            Unit::QueryHead => (&p.query_heads, c.head_dim),
+            Unit::KvHead => (&p.kv_heads, c.head_dim),
+            Unit::Channel => (&p.channels, 1),
+        }
     };
-    if masked {
-        return match tail {
-            "self_attn.o_proj.weight" => Cut::ZeroCols(&p.query_heads, d),
-            "mlp.down_proj.weight" => Cut::ZeroCols(&p.channels, 1),
-            _ => Cut::Keep,
-        };
-    }
-    match tail {
-        "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => Cut::Rows(&p.query_heads, d),
-        "self_attn.k_proj.weight"
-        | "self_attn.k_proj.bias"
-        | "self_attn.v_proj.weight"
-        | "self_attn.v_proj.bias" => Cut::Rows(&p.kv_heads, d),
-        "self_attn.o_proj.weight" => Cut::Cols(&p.query_heads, d),
-        "mlp.gate_proj.weight"
-        | "mlp.gate_proj.bias"
-        | "mlp.up_proj.weight"
-        | "mlp.up_proj.bias" => Cut::Rows(&p.channels, 1),
-        "mlp.down_proj.weight" => Cut::Cols(&p.channels, 1),
-        _ => Cut::Keep,
-    }
+    Ok(match (masked, slicing) {
+        (false, Slicing::Whole) => Cut::Keep,
+        (false, Slicing::Rows(u)) => {
+            let (kept, n) = units(u);
+            Cut::Rows(kept, n)
+        }
+        (false, Slicing::Cols(u)) => {
+            let (kept, n) = units(u);
+            Cut::Cols(kept, n)
+        }
+        // A masked checkpoint keeps every shape and zeroes the inputs of o_proj and down_proj
+        // that belong to removed units.
+        (true, Slicing::Cols(u)) => {
+            let (kept, n) = units(u);
+            Cut::ZeroCols(kept, n)
+        }
+        (true, _) => Cut::Keep,
+    })
 }
 
 /// Slices raw row-major bytes. Returns the new shape and bytes.
@@ -243,6 +264,8 @@ fn write_plan(
         None => HashMap::new(),
     };
     let d = config.head_dim;
+    let cut =
+        |name: &str| cut_for(name, plan, &config, masked).map_err(|m| ModelError::new(src, m));
     let mut tensors = Vec::new();
     let names = store.names();
     let total = names.len();
@@ -262,8 +285,7 @@ fn write_plan(
                 .zip(&delta)
                 .flat_map(|(w, d)| (w + d).to_le_bytes())
                 .collect();
-            let (new_shape, new_bytes) =
-                apply_cut(&cut_for(name, plan, d, masked), tshape, &merged, 4);
+            let (new_shape, new_bytes) = apply_cut(&cut(name)?, tshape, &merged, 4);
             tensors.push((
                 name.to_string(),
                 safetensors::Dtype::F32,
@@ -278,12 +300,7 @@ fn write_plan(
                 format!("tensor `{name}` ({dtype:?}, {tshape:?}) cannot be sliced"),
             ));
         }
-        let (new_shape, new_bytes) = apply_cut(
-            &cut_for(name, plan, d, masked),
-            tshape,
-            bytes,
-            dtype.bitsize() / 8,
-        );
+        let (new_shape, new_bytes) = apply_cut(&cut(name)?, tshape, bytes, dtype.bitsize() / 8);
         tensors.push((name.to_string(), dtype, new_shape, new_bytes));
     }
     if let Some(name) = deltas.keys().next() {
