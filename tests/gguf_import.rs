@@ -248,3 +248,25 @@ fn exported_gguf_imports_back_within_each_types_precision() {
     );
     eprintln!("largest relative RMS error per type: {worst:?}");
 }
+
+#[test]
+fn sentencepiece_gguf_tokenizers_encode_and_decode_as_transformers_loader_does() {
+    // tests/fixtures/tiny-spm.gguf: `tokenizer.ggml.model = llama` (pieces, scores, byte
+    // tokens, no merges); the reference is transformers' GGUF tokenizer loader on the same file
+    // (scripts/make_tokenizer_reference.py).
+    let file = GgufFile::open(&fixtures().join("tiny-spm.gguf")).unwrap();
+    let files = maskprune_gguf::tokenizer::build_tokenizer(&file).unwrap();
+    let tokenizer: tokenizers::Tokenizer = files.tokenizer.to_string().parse().unwrap();
+    let reference = read_json("tiny-spm-tokens.json");
+    let texts = reference["texts"].as_array().unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let text = text.as_str().unwrap();
+        let got = tokenizer.encode(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(got, ids(&reference["input_ids"][i]), "{text}");
+        let decoded = tokenizer.decode(&got, true).unwrap();
+        assert_eq!(decoded, reference["decoded"][i].as_str().unwrap(), "{text}");
+    }
+    // A character outside the pieces falls back to its UTF-8 bytes, never `<unk>`.
+    let cjk = tokenizer.encode("東", false).unwrap();
+    assert_eq!(cjk.get_tokens(), ["▁", "<0xE6>", "<0x9D>", "<0xB1>"]);
+}

@@ -1,5 +1,7 @@
 //! Builds a Hugging Face `tokenizer.json` and `tokenizer_config.json` from GGUF tokenizer
-//! metadata (byte-level BPE, `tokenizer.ggml.model = gpt2`).
+//! metadata: byte-level BPE (`tokenizer.ggml.model = gpt2`, merges in the file) or
+//! SentencePiece BPE (`llama`: merges recovered from the scores, `▁` for spaces, byte
+//! fallback), as transformers' GGUF loader builds them.
 
 use serde_json::{json, Map, Value};
 
@@ -79,19 +81,98 @@ fn token_id(file: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<usize>
     }
 }
 
+fn floats(file: &GgufFile, key: &str, n: usize) -> Result<Vec<f64>, String> {
+    let values: Vec<f64> = file
+        .get(key)
+        .and_then(MetaValue::as_array)
+        .ok_or_else(|| format!("metadata `{key}` is missing or not an array"))?
+        .iter()
+        .map(|v| {
+            v.as_f64()
+                .ok_or_else(|| format!("metadata `{key}` must hold numbers"))
+        })
+        .collect::<Result<_, _>>()?;
+    if values.len() != n {
+        return Err(format!(
+            "metadata `{key}` has {} entries for {n} tokens",
+            values.len()
+        ));
+    }
+    Ok(values)
+}
+
+/// The merges a SentencePiece BPE vocabulary implies (transformers' `generate_merges` with
+/// the pieces' scores): every split of a piece into two pieces, best score first, then longer
+/// left and right halves; ties keep the vocabulary's order.
+fn sentencepiece_merges<'a>(tokens: &[&'a str], scores: &[f64]) -> Vec<(&'a str, &'a str)> {
+    use std::collections::HashMap;
+    let mut index: HashMap<&'a str, usize> = HashMap::new();
+    let mut score: HashMap<&'a str, f64> = HashMap::new();
+    let mut order: Vec<&'a str> = Vec::new();
+    for (i, (&t, &s)) in tokens.iter().zip(scores).enumerate() {
+        if index.insert(t, i).is_none() {
+            order.push(t);
+        }
+        score.insert(t, s);
+    }
+    let mut merges: Vec<(&'a str, &'a str, f64)> = Vec::new();
+    for piece in order {
+        let mut local: Vec<(&'a str, &'a str, f64)> = piece
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| piece.split_at(at))
+            .filter(|(l, r)| index.contains_key(l) && index.contains_key(r))
+            .map(|(l, r)| (l, r, score[piece]))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (index[l], index[r]));
+        merges.extend(local);
+    }
+    let chars = |s: &str| s.chars().count();
+    // A stable sort, descending: equal keys keep their order (as Python's `reverse=True`).
+    merges.sort_by(|a, b| {
+        b.2.total_cmp(&a.2)
+            .then(chars(b.0).cmp(&chars(a.0)))
+            .then(chars(b.1).cmp(&chars(a.1)))
+    });
+    merges.into_iter().map(|(l, r, _)| (l, r)).collect()
+}
+
 /// Builds the tokenizer files, or says why this GGUF's tokenizer cannot be converted.
 pub fn build_tokenizer(file: &GgufFile) -> Result<TokenizerFiles, String> {
     let model = file
         .get("tokenizer.ggml.model")
         .and_then(MetaValue::as_str)
         .ok_or("metadata `tokenizer.ggml.model` is missing")?;
-    if model != "gpt2" {
-        return Err(format!(
-            "tokenizer.ggml.model \"{model}\" is not supported (only \"gpt2\", byte-level BPE)"
-        ));
-    }
+    let sentencepiece = match model {
+        "gpt2" => false,
+        "llama" => true,
+        _ => {
+            return Err(format!(
+                "tokenizer.ggml.model \"{model}\" is not supported (only \"gpt2\", byte-level BPE, and \"llama\", SentencePiece BPE)"
+            ))
+        }
+    };
     let tokens = strings(file, "tokenizer.ggml.tokens")?;
-    let merges = strings(file, "tokenizer.ggml.merges")?;
+    let merges: Vec<Value> = if sentencepiece {
+        let scores = floats(file, "tokenizer.ggml.scores", tokens.len())?;
+        sentencepiece_merges(&tokens, &scores)
+            .into_iter()
+            .map(|(l, r)| json!([l, r]))
+            .collect()
+    } else {
+        strings(file, "tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                let mut parts = m.split(' ');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(a), Some(b), None) => Ok(json!([a, b])),
+                    _ => Err(format!(
+                        "merge \"{m}\" is not two tokens separated by a space"
+                    )),
+                }
+            })
+            .collect::<Result<_, _>>()?
+    };
     let types: Vec<i64> = match file
         .get("tokenizer.ggml.token_type")
         .and_then(MetaValue::as_array)
@@ -133,29 +214,25 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<TokenizerFiles, String> {
 
     let mut vocab = Map::new();
     for (id, tok) in tokens.iter().enumerate() {
-        vocab.entry(tok.to_string()).or_insert(json!(id));
+        if sentencepiece {
+            // transformers keeps the last of duplicated pieces, llama.cpp's byte-level loaders
+            // the first.
+            vocab.insert(tok.to_string(), json!(id));
+        } else {
+            vocab.entry(tok.to_string()).or_insert(json!(id));
+        }
     }
-    let merges: Vec<Value> = merges
-        .iter()
-        .map(|m| {
-            let mut parts = m.split(' ');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(a), Some(b), None) => Ok(json!([a, b])),
-                _ => Err(format!(
-                    "merge \"{m}\" is not two tokens separated by a space"
-                )),
-            }
-        })
-        .collect::<Result<_, _>>()?;
-    // CONTROL (3) tokens are special; USER_DEFINED (4) ones are matched whole but not special.
+    // CONTROL (3) tokens are special, and SentencePiece's UNKNOWN (2) too; USER_DEFINED (4)
+    // ones are matched whole but not special.
+    let special = |t: i64| t == 3 || (sentencepiece && t == 2);
     let added: Vec<Value> = tokens
         .iter()
         .zip(&types)
         .enumerate()
-        .filter(|(_, (_, t))| **t == 3 || **t == 4)
+        .filter(|(_, (_, t))| special(**t) || **t == 4)
         .map(|(id, (tok, t))| {
             json!({"id": id, "content": tok, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": *t == 3})
+                   "rstrip": false, "normalized": false, "special": special(*t)})
         })
         .collect();
     let post_processor = match (add_bos, bos) {
@@ -173,19 +250,37 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<TokenizerFiles, String> {
             json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
         }
     };
+    let (pre_tokenizer, decoder, unk_token) = if sentencepiece {
+        (
+            json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false}),
+            json!({"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+            ]}),
+            // Unknown characters fall back to byte tokens.
+            Value::Null,
+        )
+    } else {
+        (
+            pre_tokenizer(pre)?,
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+            json!(unk.map(|u| tokens[u])),
+        )
+    };
     let tokenizer = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": pre_tokenizer(pre)?,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": post_processor,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "decoder": decoder,
         "model": {
-            "type": "BPE", "dropout": null, "unk_token": unk.map(|u| tokens[u]),
-            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
-            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges
+            "type": "BPE", "dropout": null, "unk_token": unk_token,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": sentencepiece,
+            "byte_fallback": sentencepiece, "ignore_merges": false, "vocab": vocab, "merges": merges
         }
     });
     let name = |id: Option<usize>| id.map(|i| json!(tokens[i])).unwrap_or(Value::Null);
