@@ -21,15 +21,6 @@ fn load(name: &str) -> Llama<G> {
     Llama::load(&fixtures().join(name), &Default::default()).unwrap()
 }
 
-fn rows(reference: &serde_json::Value) -> Vec<Vec<u32>> {
-    reference["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect()
-}
-
 fn forward<Bk: Kernels>(
     model: &Llama<Bk>,
     rows: &[Vec<u32>],
@@ -45,7 +36,7 @@ fn forward<Bk: Kernels>(
 fn generic_path_logits_match_transformers_for_every_family() {
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
         let reference = read_json(&format!("{name}-reference.json"));
-        let ours = host(forward(&load(name), &rows(&reference), None));
+        let ours = host(forward(&load(name), &input_rows(&reference), None));
         let diff = max_abs_diff(&ours, &floats(&reference["logits"]));
         assert!(diff < 1e-4, "{name}: max |dlogit| = {diff}");
     }
@@ -68,7 +59,7 @@ fn generic_path_masked_logits_match_transformers() {
             channels: mask(&reference["channel_masks"][l]),
         })
         .collect();
-    let ours = host(forward(&model, &rows(&reference), Some(&masks)));
+    let ours = host(forward(&model, &input_rows(&reference), Some(&masks)));
     let diff = max_abs_diff(&ours, &floats(&reference["masked_logits"]));
     assert!(diff < 1e-4, "max |dlogit| = {diff}");
     assert!(max_abs_diff(&ours, &floats(&reference["logits"])) > 1e-2);
@@ -79,7 +70,7 @@ fn generic_path_cached_decoding_equals_its_full_forward_and_the_fused_path() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
         let reference = read_json(&format!("{name}-reference.json"));
         let model = load(name);
-        let all = rows(&reference);
+        let all = input_rows(&reference);
         let full = forward(&model, &all, None);
         let rows_ref: Vec<&[u32]> = all.iter().map(Vec::as_slice).collect();
         let tokens = token_tensor::<G>(&rows_ref, &model.device());

@@ -184,21 +184,25 @@ fn qwen2_exports_as_its_own_architecture_and_imports_back() {
         &[(GgmlType::F32, 0.0), (GgmlType::Q8_0, 1e-2)],
     );
     eprintln!("largest relative RMS error per type: {worst:?}");
-    let scratch = scratch("export-qwen2-arch");
-    let out = scratch.join("tiny-qwen2.gguf");
+    let file = exported_f32("tiny-qwen2");
+    let arch = file.get("general.architecture").and_then(|v| v.as_str());
+    assert_eq!(arch, Some("qwen2"));
+    assert!(file.get("qwen2.block_count").is_some());
+    assert!(file.tensors.iter().any(|t| t.name == "blk.0.attn_q.bias"));
+}
+
+/// The fixture `name` exported as an f32 GGUF, opened.
+fn exported_f32(name: &str) -> GgufFile {
+    let out = scratch(&format!("export-{name}-arch")).join(format!("{name}.gguf"));
     maskprune_gguf::export_gguf(
-        &fixtures().join("tiny-qwen2"),
+        &fixtures().join(name),
         &out,
         GgmlType::F32,
         false,
         &mut |_, _| {},
     )
     .unwrap();
-    let file = maskprune_gguf::GgufFile::open(&out).unwrap();
-    let arch = file.get("general.architecture").and_then(|v| v.as_str());
-    assert_eq!(arch, Some("qwen2"));
-    assert!(file.get("qwen2.block_count").is_some());
-    assert!(file.tensors.iter().any(|t| t.name == "blk.0.attn_q.bias"));
+    GgufFile::open(&out).unwrap()
 }
 
 #[test]
@@ -210,16 +214,7 @@ fn qwen3_exports_with_its_head_norms_and_imports_back() {
         &[(GgmlType::F32, 0.0), (GgmlType::Q8_0, 1e-2)],
     );
     eprintln!("largest relative RMS error per type: {worst:?}");
-    let out = scratch("export-qwen3-arch").join("tiny-qwen3.gguf");
-    maskprune_gguf::export_gguf(
-        &fixtures().join("tiny-qwen3"),
-        &out,
-        GgmlType::F32,
-        false,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    let file = maskprune_gguf::GgufFile::open(&out).unwrap();
+    let file = exported_f32("tiny-qwen3");
     let arch = file.get("general.architecture").and_then(|v| v.as_str());
     assert_eq!(arch, Some("qwen3"));
     let key_length = file

@@ -108,14 +108,19 @@ fn remove_stale_scratch() {
     }
 }
 
-/// The token rows of the tiny fixture's reference file.
-pub fn reference_rows() -> Vec<Vec<u32>> {
-    read_json("tiny-llama-reference.json")["input_ids"]
+/// The token rows (`input_ids`) of a reference file.
+pub fn input_rows(reference: &Value) -> Vec<Vec<u32>> {
+    reference["input_ids"]
         .as_array()
         .unwrap()
         .iter()
         .map(ids)
         .collect()
+}
+
+/// The token rows of the tiny fixture's reference file.
+pub fn reference_rows() -> Vec<Vec<u32>> {
+    input_rows(&read_json("tiny-llama-reference.json"))
 }
 
 /// RMS of `a − b` over the RMS of `a`.

@@ -150,17 +150,9 @@ fn step_gradients<Bk: maskprune_model::TrainKernels>(temperature: f64) -> (f64, 
     )
     .require_grad();
     let settings = LoraSettings {
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        targets: maskprune_model::lora::LORA_TARGETS
+            .map(String::from)
+            .to_vec(),
         ..LoraSettings::default()
     };
     let mut adapters = Adapters::new(&model.config, &settings, 0);
