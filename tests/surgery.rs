@@ -82,11 +82,9 @@ fn qwen3_surgery_keeps_the_shared_head_norms_and_equals_the_masked_model() {
     check_model("tiny-qwen3", Granularity::QueryHead, 0.5, (2, 2));
 }
 
-#[test]
-fn a_tensor_the_family_does_not_know_is_an_error_not_kept() {
-    // A fused projection (Phi-3's `gate_up_proj`) would be silently mis-pruned if kept.
+/// A copy of the tiny fixture in `dir` with one more tensor, `extra` (f32 `[2, 4]`).
+fn fixture_with_tensor(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     let src = fixtures().join("tiny-llama");
-    let dir = scratch("unknown-tensor");
     let model = dir.join("model");
     std::fs::create_dir_all(&model).unwrap();
     for f in ["config.json", "tokenizer.json"] {
@@ -94,21 +92,27 @@ fn a_tensor_the_family_does_not_know_is_an_error_not_kept() {
     }
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let extra = vec![0u8; 4 * 8];
+    let zeros = vec![0u8; 4 * 8];
     let mut views: Vec<(String, safetensors::tensor::TensorView)> = st
         .tensors()
         .into_iter()
         .map(|(n, t)| (n.to_string(), t))
         .collect();
-    views.push((
-        "model.layers.1.mlp.gate_up_proj.weight".into(),
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4], &extra).unwrap(),
-    ));
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4], &zeros);
+    views.push((extra.into(), view.unwrap()));
     std::fs::write(
         model.join("model.safetensors"),
         safetensors::serialize(views, None).unwrap(),
     )
     .unwrap();
+    model
+}
+
+#[test]
+fn a_tensor_the_family_does_not_know_is_an_error_not_kept() {
+    // A fused projection (Phi-3's `gate_up_proj`) would be silently mis-pruned if kept.
+    let dir = scratch("unknown-tensor");
+    let model = fixture_with_tensor(&dir, "model.layers.1.mlp.gate_up_proj.weight");
     let config = ModelConfig::from_file(&model.join("config.json")).unwrap();
     let store = WeightStore::open(&model).unwrap();
     let widths = uniform_widths(&config, Granularity::KvGroup, 0.5, 16).unwrap();
@@ -121,6 +125,14 @@ fn a_tensor_the_family_does_not_know_is_an_error_not_kept() {
         "{err}"
     );
     assert!(!dir.join("out").exists());
+    // The rotary buffer older transformers saved is known: kept as it is.
+    let dir = scratch("inv-freq-tensor");
+    let model = fixture_with_tensor(&dir, "model.layers.0.self_attn.rotary_emb.inv_freq");
+    prune_checkpoint(&model, &plan, &dir.join("out"), false).unwrap();
+    let out = WeightStore::open(&dir.join("out")).unwrap();
+    assert!(out
+        .names()
+        .contains(&"model.layers.0.self_attn.rotary_emb.inv_freq"));
 }
 
 #[test]

@@ -45,6 +45,8 @@ pub fn layer_tensors(family: Family, biases: Biases) -> Vec<(&'static str, Slici
     let mut t = vec![
         ("input_layernorm.weight", Whole),
         ("post_attention_layernorm.weight", Whole),
+        // A buffer older transformers saved with LLaMA checkpoints (the model recomputes it).
+        ("self_attn.rotary_emb.inv_freq", Whole),
         ("self_attn.q_proj.weight", Rows(QueryHead)),
         ("self_attn.k_proj.weight", Rows(KvHead)),
         ("self_attn.v_proj.weight", Rows(KvHead)),
