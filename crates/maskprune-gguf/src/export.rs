@@ -183,6 +183,11 @@ pub fn export_gguf(
     };
     for (done, hf) in names.iter().enumerate() {
         progress(done, names.len());
+        // Older LLaMA checkpoints carry the rotary frequencies as a buffer; llama.cpp
+        // recomputes them from `rope.freq_base`.
+        if hf.ends_with(".self_attn.rotary_emb.inv_freq") {
+            continue;
+        }
         let gguf = gguf_name(hf, c.num_hidden_layers).ok_or_else(|| {
             ModelError::new(dir, format!("tensor `{hf}` has no llama.cpp equivalent"))
         })?;
