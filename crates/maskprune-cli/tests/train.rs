@@ -358,7 +358,7 @@ fn resume_refuses_a_corrupt_checkpoint_and_other_inputs() {
             &calib,
             &model,
             &[],
-            "no checkpoint to resume from",
+            "checksums.json: missing: a checkpoint without checksums",
         ),
         (
             edit_config,

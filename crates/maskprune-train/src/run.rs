@@ -208,10 +208,17 @@ pub(crate) fn read_checkpoint<S: Checkpoint>(
 ) -> Result<(S, Adapters), String> {
     let sums_path = dir.join("checksums.json");
     let sums = std::fs::read(&sums_path).map_err(|e| {
-        err(
-            dir,
-            format!("no checkpoint to resume from ({e}); start the run without --resume"),
-        )
+        if dir.join(CHECKPOINT_FILES[0]).is_file() {
+            err(
+                &sums_path,
+                "missing: a checkpoint without checksums (an older maskprune's, or cut short) cannot be resumed; start the run again without --resume",
+            )
+        } else {
+            err(
+                dir,
+                format!("no checkpoint to resume from ({e}); start the run without --resume"),
+            )
+        }
     })?;
     let sums: std::collections::BTreeMap<String, String> = serde_json::from_slice(&sums)
         .map_err(|e| err(&sums_path, format!("corrupt checkpoint: {e}")))?;
