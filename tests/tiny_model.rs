@@ -188,6 +188,14 @@ fn qwen3_with_head_norms_and_explicit_head_dim_matches_transformers_dense_and_ma
     let attn = &model.layers[0].self_attn;
     assert!(attn.q_norm.is_some() && attn.k_norm.is_some() && attn.q_proj.bias.is_none());
     assert_eq!((model.config.hidden_size, model.config.head_dim), (32, 16));
+    // The parameter count includes the per-head norms: every tensor of the checkpoint.
+    let store = maskprune_model::WeightStore::open(&fixtures().join("tiny-qwen3")).unwrap();
+    let stored: usize = store
+        .names()
+        .into_iter()
+        .map(|n| store.shape(n).unwrap().iter().product::<usize>())
+        .sum();
+    assert_eq!(model.config.total_params(), stored);
 }
 
 #[test]

@@ -222,6 +222,9 @@ impl ModelConfig {
         if self.biases.mlp {
             layer += 2 * self.intermediate_size + h;
         }
+        if self.family.qk_norm() {
+            layer += 2 * self.head_dim;
+        }
         let head = if self.tie_word_embeddings {
             0
         } else {
