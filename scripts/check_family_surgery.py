@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, os.path.dirname(__file__))
 from make_tiny_fixture import masked_logits  # noqa: E402
 
-FIXTURES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
+FIXTURES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"]
 
 
 def main():

@@ -15,6 +15,13 @@
 * tiny-qwen3/ (+ -reference.json): a two-layer Qwen3 (per-head q/k RMSNorm, an explicit
   head_dim of 16 with hidden 32, no biases), with transformers' logits dense and masked.
   `scripts/make_tiny_fixture.py qwen3` writes only this one (the others stay as they are).
+* tiny-gemma3/ (+ -reference.json): a two-layer Gemma-3 text model (GeGLU, `1 + w` norms,
+  sandwich norms, q/k norms, embeddings scaled by sqrt(hidden), a sliding-window layer with
+  RoPE base 10,000 before a global layer with base 1e6 and linear scaling 2, and
+  `query_pre_attn_scalar` 24 against a head_dim of 16), tied embeddings, with transformers'
+  logits dense and masked, and for a 40-token row past the 16-token window.
+  `scripts/make_tiny_fixture.py gemma3` writes only this one, and adds an 80-token row (past
+  its 64-token window) to tiny-mistral-reference.json.
 * gguf-quant-vectors.json: random blocks of every supported quantised type and gguf-py's
   dequantisation of them, to check our dequantisers bit for bit.
 
@@ -29,7 +36,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 import sys
 
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM,
                           PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
@@ -144,10 +152,41 @@ def qwen3_fixture(tok):
                    {"head_dim": 16, "tie_word_embeddings": False, "rope_theta": 1e6}, layers=2, masks=True)
 
 
+def long_reference(name, model_cls, tok, length):
+    """Adds transformers' logits for one row of `length` tokens, longer than the fixture's
+    sliding window, to NAME-reference.json (`long_input_ids`, `long_logits`)."""
+    model = model_cls.from_pretrained(os.path.join(OUT, name), dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(" ".join(CORPUS[:8])).ids[:length]])
+    assert ids.shape[1] == length
+    with torch.no_grad():
+        logits = model(ids).logits
+    path = os.path.join(OUT, f"{name}-reference.json")
+    ref = json.load(open(path))
+    ref.update({"long_input_ids": ids.tolist(), "long_logits": [float(f"{v:.7g}") for v in logits.reshape(-1).tolist()]})
+    with open(path, "w") as f:
+        json.dump(ref, f)
+
+
+def gemma3_fixture(tok):
+    family_fixture("tiny-gemma3", Gemma3TextConfig, Gemma3ForCausalLM, tok,
+                   {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention"],
+                    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                        "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                           "rope_theta": 1e6}},
+                    "query_pre_attn_scalar": 24, "pad_token_id": 0}, layers=2, masks=True)
+    long_reference("tiny-gemma3", Gemma3ForCausalLM, tok, 40)
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     torch.manual_seed(0)
     tok = build_tokenizer()
+    if sys.argv[1:] == ["gemma3"]:
+        gemma3_fixture(tok)
+        long_reference("tiny-mistral", MistralForCausalLM, tok, 80)
+        print("wrote", os.path.join(OUT, "tiny-gemma3"), "and the long Mistral reference")
+        return
     if sys.argv[1:] == ["qwen3"]:
         qwen3_fixture(tok)
         print("wrote", os.path.join(OUT, "tiny-qwen3"))
@@ -243,7 +282,9 @@ def main():
 
     family_fixture("tiny-qwen2", Qwen2Config, Qwen2ForCausalLM, tok, {"tie_word_embeddings": True, "rope_theta": 1e6})
     family_fixture("tiny-mistral", MistralConfig, MistralForCausalLM, tok, {"sliding_window": 64, "rope_theta": 1e4})
+    long_reference("tiny-mistral", MistralForCausalLM, tok, 80)
     qwen3_fixture(tok)
+    gemma3_fixture(tok)
     with open(os.path.join(OUT, "gguf-quant-vectors.json"), "w") as f:
         json.dump({"generated_by": "scripts/make_tiny_fixture.py (gguf-py dequantize)", "vectors": quant_vectors()}, f)
     print("wrote", OUT)

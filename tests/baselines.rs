@@ -125,8 +125,8 @@ fn down_inputs_by_hand(model: &Llama<B>, l: usize) -> Vec<Vec<f32>> {
     let x = x.clone()
         + layer
             .self_attn
-            .forward(layer.input_layernorm.forward(x), &rotary, None);
-    let n = layer.post_attention_layernorm.forward(x);
+            .forward(layer.attention_norm.forward(x), &rotary, None);
+    let n = layer.mlp_norm.forward(x);
     let act = silu(layer.mlp.gate_proj.forward(n.clone())) * layer.mlp.up_proj.forward(n);
     let f = c.intermediate_size;
     let flat = values(act.reshape([b * t, f]));

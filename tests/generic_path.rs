@@ -34,7 +34,13 @@ fn forward<Bk: Kernels>(
 
 #[test]
 fn generic_path_logits_match_transformers_for_every_family() {
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
+    for name in [
+        "tiny-llama",
+        "tiny-mistral",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-gemma3",
+    ] {
         let reference = read_json(&format!("{name}-reference.json"));
         let ours = host(forward(&load(name), &input_rows(&reference), None));
         let diff = max_abs_diff(&ours, &floats(&reference["logits"]));
@@ -67,7 +73,7 @@ fn generic_path_masked_logits_match_transformers() {
 
 #[test]
 fn generic_path_cached_decoding_equals_its_full_forward_and_the_fused_path() {
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"] {
         let reference = read_json(&format!("{name}-reference.json"));
         let model = load(name);
         let all = input_rows(&reference);
@@ -95,5 +101,33 @@ fn generic_path_cached_decoding_equals_its_full_forward_and_the_fused_path() {
         let fused = values(forward(&fused, &all, None));
         let diff = max_abs_diff(&full, &fused);
         assert!(diff < 1e-4, "{name}: generic vs fused logits {diff}");
+    }
+}
+
+#[test]
+fn generic_path_sliding_windows_match_transformers_in_full_and_cached_decoding() {
+    for name in ["tiny-mistral", "tiny-gemma3"] {
+        let reference = read_json(&format!("{name}-reference.json"));
+        let model = load(name);
+        let row = ids(&reference["long_input_ids"][0]);
+        let full = host(forward(&model, std::slice::from_ref(&row), None));
+        let diff = max_abs_diff(&full, &floats(&reference["long_logits"]));
+        assert!(diff < 1e-4, "{name} past its window: max |dlogit| = {diff}");
+        // Decoding one token at a time past the window: the cache keeps every key, the
+        // window hides the old ones.
+        let tokens = token_tensor::<G>(&[&row[..]], &model.device());
+        let mut cache = KvCache::new(model.config.num_hidden_layers);
+        let pieces: Vec<_> = (0..row.len())
+            .map(|i| {
+                model
+                    .forward_cached(tokens.clone().narrow(1, i, 1), &mut cache)
+                    .unwrap()
+            })
+            .collect();
+        let diff = max_abs_diff(&full, &host(Tensor::cat(pieces, 1)));
+        assert!(
+            diff < 1e-4,
+            "{name}: cached vs full logits past the window {diff}"
+        );
     }
 }

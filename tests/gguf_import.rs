@@ -265,3 +265,85 @@ fn sentencepiece_gguf_tokenizers_encode_and_decode_as_transformers_loader_does()
     let cjk = tokenizer.encode("東", false).unwrap();
     assert_eq!(cjk.get_tokens(), ["▁", "<0xE6>", "<0x9D>", "<0xB1>"]);
 }
+
+/// A copy of the tiny Gemma-3 that llama.cpp's `gemma3` can represent: its layers follow
+/// llama.cpp's pattern (every 6th global: with two layers, both sliding) and attention is
+/// scaled by `head_dim^-1/2` (`query_pre_attn_scalar` = `head_dim`).
+fn llama_cpp_shaped_gemma3() -> std::path::PathBuf {
+    let src = fixtures().join("tiny-gemma3");
+    let dir = scratch("gemma3-llama-cpp-shaped").join("tiny-gemma3-swa");
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["layer_types"] = serde_json::json!(["sliding_attention", "sliding_attention"]);
+    config["query_pre_attn_scalar"] = 16.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn gemma3_exports_with_its_norm_offset_and_imports_back_to_the_same_model() {
+    let dir = llama_cpp_shaped_gemma3();
+    let worst = export_round_trip(&dir, &[(GgmlType::F32, 0.0), (GgmlType::Q8_0, 1e-2)]);
+    eprintln!("largest relative RMS error per type: {worst:?}");
+    let gguf = dir.with_extension("gguf");
+    maskprune_gguf::export_gguf(&dir, &gguf, GgmlType::F32, false, &mut |_, _| {}).unwrap();
+    let file = GgufFile::open(&gguf).unwrap();
+    assert_eq!(
+        file.get("general.architecture").and_then(|v| v.as_str()),
+        Some("gemma3")
+    );
+    let window = file.get("gemma3.attention.sliding_window");
+    assert_eq!(window.and_then(|v| v.as_u64()), Some(16));
+    // llama.cpp's converter stores Gemma's norms as `1 + w`.
+    let original = WeightStore::open(&dir).unwrap();
+    let name = "model.layers.1.post_feedforward_layernorm.weight";
+    let w = original.read_f32(name, &[32]).unwrap();
+    let info = file
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.1.post_ffw_norm.weight")
+        .unwrap();
+    let stored = dequantize(info.ggml_type, file.tensor_bytes(info));
+    assert!(w.iter().zip(&stored).all(|(w, s)| *s == w + 1.0));
+    // Imported back: the same architecture and the same logits.
+    let back = dir.with_extension("imported");
+    import_gguf(&gguf, &back, OutDtype::F32, false, &mut |_, _| {}).unwrap();
+    let (a, b) = (
+        Llama::<B>::load(&dir, &Default::default()).unwrap(),
+        Llama::<B>::load(&back, &Default::default()).unwrap(),
+    );
+    let (ca, cb) = (&a.config, &b.config);
+    assert_eq!(
+        (ca.sliding_window, &ca.sliding_layers, ca.local_rope_theta),
+        (cb.sliding_window, &cb.sliding_layers, cb.local_rope_theta)
+    );
+    assert_eq!(
+        (ca.query_scale, ca.activation, ca.rope_theta),
+        (cb.query_scale, cb.activation, cb.rope_theta)
+    );
+    let reference = read_json("tiny-gemma3-reference.json");
+    let row = ids(&reference["long_input_ids"][0]);
+    let logits = |m: &Llama<B>| values(m.forward(token_tensor(&[&row[..]], &m.device())).unwrap());
+    assert_eq!(logits(&a), logits(&b));
+}
+
+#[test]
+fn gemma3_layouts_llama_cpp_cannot_run_are_refused_with_the_reason() {
+    // The fixture's second layer is global and its `query_pre_attn_scalar` is 24.
+    let out = scratch("gemma3-refused").join("x.gguf");
+    let err = maskprune_gguf::export_gguf(
+        &fixtures().join("tiny-gemma3"),
+        &out,
+        GgmlType::F32,
+        false,
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(err.message.contains("every 6th layer global"), "{err}");
+    assert!(!out.exists());
+}

@@ -82,6 +82,12 @@ fn qwen3_surgery_keeps_the_shared_head_norms_and_equals_the_masked_model() {
     check_model("tiny-qwen3", Granularity::QueryHead, 0.5, (2, 2));
 }
 
+#[test]
+fn gemma3_surgery_keeps_the_sandwich_norms_and_equals_the_masked_model() {
+    check_model("tiny-gemma3", Granularity::KvGroup, 0.5, (2, 1));
+    check_model("tiny-gemma3", Granularity::QueryHead, 0.5, (2, 2));
+}
+
 /// A copy of the tiny fixture in `dir` with one more tensor, `extra` (f32 `[2, 4]`).
 fn fixture_with_tensor(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     let src = fixtures().join("tiny-llama");

@@ -199,17 +199,44 @@ fn qwen3_with_head_norms_and_explicit_head_dim_matches_transformers_dense_and_ma
 }
 
 #[test]
-fn mistral_matches_transformers_and_refuses_sequences_beyond_its_window() {
+fn gemma3_matches_transformers_dense_and_masked() {
+    family_logits_match("tiny-gemma3");
+    masked_logits_match("tiny-gemma3");
+    let model = Llama::<B>::load(&fixtures().join("tiny-gemma3"), &Default::default()).unwrap();
+    let c = &model.config;
+    assert_eq!(c.sliding_layers, vec![true, false]);
+    assert_eq!((c.local_rope_theta, c.rope_theta), (Some(10_000.0), 1e6));
+    assert_eq!(c.activation, maskprune_model::Activation::GeluTanh);
+    let layer = &model.layers[0];
+    assert!(layer.attention_output_norm.is_some() && layer.mlp_output_norm.is_some());
+    assert_eq!(model.embed_scale, Some(32f32.sqrt()));
+    // Every stored tensor is counted (tied embeddings once).
+    let store = maskprune_model::WeightStore::open(&fixtures().join("tiny-gemma3")).unwrap();
+    let stored: usize = store
+        .names()
+        .into_iter()
+        .map(|n| store.shape(n).unwrap().iter().product::<usize>())
+        .sum();
+    assert_eq!(model.config.total_params(), stored);
+    // 40 tokens: the first layer attends through its 16-token window, the second globally.
+    long_logits_match("tiny-gemma3");
+}
+
+/// Transformers' logits for the fixture's row longer than its sliding window.
+fn long_logits_match(name: &str) {
+    let reference = read_json(&format!("{name}-reference.json"));
+    let model = Llama::<B>::load(&fixtures().join(name), &Default::default()).unwrap();
+    let row = ids(&reference["long_input_ids"][0]);
+    assert!(row.len() > model.config.sliding_window.unwrap());
+    let ours = logits(&model, &[row], None);
+    let diff = max_abs_diff(&ours, &floats(&reference["long_logits"]));
+    assert!(diff < 1e-4, "{name} past its window: max |dlogit| = {diff}");
+}
+
+#[test]
+fn mistral_matches_transformers_within_and_past_its_window() {
     family_logits_match("tiny-mistral");
-    let model = Llama::<B>::load(&fixtures().join("tiny-mistral"), &Default::default()).unwrap();
-    let long: Vec<u32> = (0..65).map(|i| i % 200).collect();
-    let err = model
-        .forward(token_tensor(&[&long[..]], &model.device()))
-        .unwrap_err();
-    assert!(
-        err.message.contains("exceeds `sliding_window` (64)"),
-        "{err}"
-    );
+    long_logits_match("tiny-mistral");
 }
 
 #[test]

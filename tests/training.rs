@@ -191,6 +191,11 @@ fn qwen3_training_gives_a_uniform_plan_and_exact_surgery() {
 }
 
 #[test]
+fn gemma3_training_gives_a_uniform_plan_and_exact_surgery() {
+    check_model("tiny-gemma3", "kv_group", "fisher", &[]);
+}
+
+#[test]
 fn kv_group_training_gives_a_uniform_plan_and_exact_surgery() {
     check("kv_group", "fisher");
 }

@@ -10,11 +10,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use maskprune_model::family::{split_layer_name, GGUF_OUTER_TENSORS};
 use maskprune_model::output::write_file_atomically;
-use maskprune_model::{ModelConfig, ModelError, WeightStore};
+use maskprune_model::{Family, ModelConfig, ModelError, WeightStore};
 use serde_json::Value;
 
-use crate::import::hf_tensor_name;
 use crate::quant::{quantize, GgmlType};
 use crate::reader::MetaValue;
 use crate::tokenizer::pre_tokenizer_name;
@@ -68,38 +68,21 @@ pub fn permute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     crate::import::reorder_rotary_rows(data, heads, cols, true)
 }
 
-/// The GGUF name of a Hugging Face LLaMA tensor.
-fn gguf_name(hf: &str, layers: usize) -> Option<String> {
-    let fixed = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+/// The GGUF name of a Hugging Face tensor of `family` (the family's one table of names).
+fn gguf_name(family: Family, hf: &str, layers: usize) -> Option<String> {
+    if let Some((g, _)) = GGUF_OUTER_TENSORS.iter().find(|(_, h)| *h == hf) {
         return Some(g.to_string());
     }
-    // Every candidate name of every layer, mapped back: one table, in `import`.
-    let rest = hf.strip_prefix("model.layers.")?;
-    let layer: usize = rest.split('.').next()?.parse().ok()?;
+    let (layer, tail) = split_layer_name(hf)?;
     if layer >= layers {
         return None;
     }
-    [
-        "attn_norm",
-        "ffn_norm",
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "attn_q_norm",
-        "attn_k_norm",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ]
-    .iter()
-    .flat_map(|part| ["weight", "bias"].map(|kind| format!("blk.{layer}.{part}.{kind}")))
-    .find(|g| hf_tensor_name(g).as_deref() == Some(hf))
+    let (module, kind) = tail.rsplit_once('.')?;
+    let (gguf, _) = family
+        .gguf_layer_modules()
+        .into_iter()
+        .find(|(_, h)| *h == module)?;
+    Some(format!("blk.{layer}.{gguf}.{kind}"))
 }
 
 /// Writes the model directory `dir` as a GGUF file `out` (atomically) with its weights in
@@ -127,6 +110,7 @@ pub fn export_gguf(
     let c = ModelConfig::from_file(&config_path)?;
     let bad = |m: String| ModelError::new(&config_path, m);
     let arch = c.family.gguf_architecture();
+    let extra = c.family.gguf_extra_metadata(&c).map_err(bad)?;
     // The architecture's own metadata keys: `llama.block_count`, `qwen2.block_count`, ...
     let key = |k: &str| format!("{arch}.{k}");
     if matches!(
@@ -171,6 +155,9 @@ pub fn export_gguf(
         MetaValue::Float(c.rms_norm_eps),
     );
     w.meta(&key("vocab_size"), u(c.vocab_size));
+    for (k, v) in extra {
+        w.meta(&key(k), MetaValue::Uint(v));
+    }
     tokenizer_metadata(dir, &c, &mut w)?;
 
     let store = WeightStore::open(dir)?;
@@ -188,7 +175,7 @@ pub fn export_gguf(
         if hf.ends_with(".self_attn.rotary_emb.inv_freq") {
             continue;
         }
-        let gguf = gguf_name(hf, c.num_hidden_layers).ok_or_else(|| {
+        let gguf = gguf_name(c.family, hf, c.num_hidden_layers).ok_or_else(|| {
             ModelError::new(dir, format!("tensor `{hf}` has no llama.cpp equivalent"))
         })?;
         if gguf == "output.weight" && c.tie_word_embeddings {
@@ -196,6 +183,10 @@ pub fn export_gguf(
         }
         let shape = store.shape(hf).expect("a listed tensor").to_vec();
         let mut values = store.read_f32(hf, &shape)?;
+        if hf.ends_with("norm.weight") {
+            let offset = c.family.norm_weight_offset();
+            values.iter_mut().for_each(|v| *v += offset);
+        }
         let cols = if shape.len() == 1 {
             1
         } else {
@@ -364,6 +355,7 @@ fn tokenizer_metadata(dir: &Path, c: &ModelConfig, w: &mut GgufWriter) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::import::hf_tensor_name;
 
     #[test]
     fn permutation_inverts_the_imports() {
@@ -382,10 +374,30 @@ mod tests {
             "blk.0.ffn_down.weight",
             "blk.1.attn_k.bias",
         ] {
-            let hf = hf_tensor_name(g).unwrap();
-            assert_eq!(gguf_name(&hf, 4).as_deref(), Some(g), "{hf}");
+            let hf = hf_tensor_name(Family::Llama, g).unwrap();
+            assert_eq!(gguf_name(Family::Llama, &hf, 4).as_deref(), Some(g), "{hf}");
         }
-        assert_eq!(gguf_name("model.layers.9.mlp.up_proj.weight", 4), None);
+        assert_eq!(
+            gguf_name(Family::Llama, "model.layers.9.mlp.up_proj.weight", 4),
+            None
+        );
+        for (g, hf) in [
+            (
+                "blk.2.ffn_norm.weight",
+                "model.layers.2.pre_feedforward_layernorm.weight",
+            ),
+            (
+                "blk.2.post_attention_norm.weight",
+                "model.layers.2.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.0.post_ffw_norm.weight",
+                "model.layers.0.post_feedforward_layernorm.weight",
+            ),
+        ] {
+            assert_eq!(hf_tensor_name(Family::Gemma3, g).as_deref(), Some(hf));
+            assert_eq!(gguf_name(Family::Gemma3, hf, 4).as_deref(), Some(g));
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use maskprune_model::family::{layer_tensors, GGUF_OUTER_TENSORS};
 use maskprune_model::output::{write_dir_atomically, write_file_atomically};
 use maskprune_model::{Family, ModelConfig, ModelError};
 use safetensors::tensor::{Dtype, TensorView};
@@ -47,38 +48,22 @@ pub struct ImportReport {
     pub config: Value,
 }
 
-/// The Hugging Face name of a llama.cpp LLaMA tensor.
-pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
-    let fixed = match gguf_name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+/// The Hugging Face name of a llama.cpp tensor of `family` (the family's one table of names).
+pub fn hf_tensor_name(family: Family, gguf_name: &str) -> Option<String> {
+    if let Some((_, h)) = GGUF_OUTER_TENSORS.iter().find(|(g, _)| *g == gguf_name) {
+        return Some(h.to_string());
     }
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, kind) = tail.rsplit_once('.')?;
-    let module = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
     if kind != "weight" && kind != "bias" {
         return None;
     }
+    let (_, module) = family
+        .gguf_layer_modules()
+        .into_iter()
+        .find(|(g, _)| *g == part)?;
     Some(format!("model.layers.{layer}.{module}.{kind}"))
 }
 
@@ -140,7 +125,7 @@ pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
         .ok_or("metadata `general.architecture` is missing")?;
     let family = Family::from_gguf_architecture(arch).ok_or_else(|| {
         format!(
-            "architecture \"{arch}\" is not supported (only \"llama\", \"qwen2\" and \"qwen3\")"
+            "architecture \"{arch}\" is not supported (only \"llama\", \"qwen2\", \"qwen3\" and \"gemma3\")"
         )
     })?;
     // The architecture's own metadata keys: `llama.block_count`, `qwen2.block_count`, ...
@@ -200,7 +185,8 @@ pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
             .iter()
             .any(|t| t.name.ends_with(&format!("{part}.bias")))
     };
-    Ok(json!({
+    let window = meta_u64(file, &key("attention.sliding_window"))?;
+    let mut config = json!({
         "architectures": [family.architecture()],
         "model_type": family.model_type(),
         "hidden_size": hidden,
@@ -209,7 +195,6 @@ pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "hidden_act": "silu",
         "max_position_embeddings": meta_u64(file, &key("context_length"))?.unwrap_or(2048),
         "rms_norm_eps": eps,
         "rope_theta": theta,
@@ -226,44 +211,10 @@ pub fn hf_config(file: &GgufFile, dtype: OutDtype) -> Result<Value, String> {
         "pretraining_tp": 1,
         "use_cache": true,
         "torch_dtype": dtype.torch_name(),
-    }))
-}
-
-/// The shape transformers expects for a tensor of this config, or `None` if it is unexpected.
-fn expected_shape(name: &str, c: &ModelConfig) -> Option<Vec<usize>> {
-    let (h, q, kv, f) = (
-        c.hidden_size,
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-        c.intermediate_size,
-    );
-    Some(match name {
-        "model.embed_tokens.weight" | "lm_head.weight" => vec![c.vocab_size, h],
-        "model.norm.weight" => vec![h],
-        _ => {
-            let rest = name.strip_prefix("model.layers.")?;
-            let (layer, tail) = rest.split_once('.')?;
-            if layer.parse::<usize>().ok()? >= c.num_hidden_layers {
-                return None;
-            }
-            match tail {
-                "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
-                "self_attn.q_proj.weight" => vec![q, h],
-                "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
-                "self_attn.o_proj.weight" => vec![h, q],
-                "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![f, h],
-                "mlp.down_proj.weight" => vec![h, f],
-                "self_attn.q_norm.weight" | "self_attn.k_norm.weight" if c.family.qk_norm() => {
-                    vec![c.head_dim]
-                }
-                "self_attn.q_proj.bias" => vec![q],
-                "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
-                "self_attn.o_proj.bias" | "mlp.down_proj.bias" => vec![h],
-                "mlp.gate_proj.bias" | "mlp.up_proj.bias" => vec![f],
-                _ => return None,
-            }
-        }
-    })
+    });
+    let fields = config.as_object_mut().expect("an object");
+    fields.extend(family.gguf_config_entries(head_dim, window));
+    Ok(config)
 }
 
 fn encode(values: &[f32], dtype: OutDtype) -> Vec<u8> {
@@ -286,14 +237,15 @@ fn convert_tensor(
     info: &TensorInfo,
     config: &ModelConfig,
 ) -> Result<(String, Vec<usize>, Vec<f32>), String> {
-    let name = hf_tensor_name(&info.name).ok_or_else(|| {
+    let name = hf_tensor_name(config.family, &info.name).ok_or_else(|| {
         format!(
-            "tensor `{}` has no Hugging Face LLaMA equivalent",
-            info.name
+            "tensor `{}` has no Hugging Face `{}` equivalent",
+            info.name,
+            config.family.model_type()
         )
     })?;
     let shape = info.torch_shape();
-    let expected = expected_shape(&name, config).ok_or_else(|| {
+    let expected = config.tensor_shape(&name).ok_or_else(|| {
         format!(
             "tensor `{}` ({name}) does not belong to this architecture",
             info.name
@@ -311,6 +263,10 @@ fn convert_tensor(
             "tensor `{}` holds a non-finite value at element {bad}",
             info.name
         ));
+    }
+    if name.ends_with("norm.weight") {
+        let offset = config.family.norm_weight_offset();
+        values.iter_mut().for_each(|v| *v -= offset);
     }
     let cols = *shape.last().unwrap_or(&1);
     // llama.cpp's `llama` rotary layout; qwen2 keeps Hugging Face's row order.
@@ -378,18 +334,11 @@ pub fn import_gguf(
         "model.norm.weight".to_string(),
     ];
     for l in 0..config.num_hidden_layers {
-        for part in [
-            "input_layernorm",
-            "post_attention_layernorm",
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ] {
-            required_names.push(format!("model.layers.{l}.{part}.weight"));
+        for (tail, _) in layer_tensors(config.family, config.biases) {
+            // A buffer llama.cpp recomputes, never stored.
+            if !tail.ends_with("inv_freq") {
+                required_names.push(format!("model.layers.{l}.{tail}"));
+            }
         }
     }
     if let Some(missing) = required_names.iter().find(|n| !have.contains(n.as_str())) {
@@ -461,19 +410,19 @@ mod tests {
     #[test]
     fn names_map_to_transformers() {
         assert_eq!(
-            hf_tensor_name("blk.3.attn_output.weight").unwrap(),
+            hf_tensor_name(Family::Llama, "blk.3.attn_output.weight").unwrap(),
             "model.layers.3.self_attn.o_proj.weight"
         );
         assert_eq!(
-            hf_tensor_name("blk.0.ffn_norm.weight").unwrap(),
+            hf_tensor_name(Family::Llama, "blk.0.ffn_norm.weight").unwrap(),
             "model.layers.0.post_attention_layernorm.weight"
         );
         assert_eq!(
-            hf_tensor_name("token_embd.weight").unwrap(),
+            hf_tensor_name(Family::Llama, "token_embd.weight").unwrap(),
             "model.embed_tokens.weight"
         );
-        assert!(hf_tensor_name("blk.x.attn_q.weight").is_none());
-        assert!(hf_tensor_name("rope_freqs.weight").is_none());
+        assert!(hf_tensor_name(Family::Llama, "blk.x.attn_q.weight").is_none());
+        assert!(hf_tensor_name(Family::Llama, "rope_freqs.weight").is_none());
     }
 
     #[test]

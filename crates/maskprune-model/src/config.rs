@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::error::{ModelError, Result};
-use crate::family::{Biases, Family};
+use crate::family::{layer_tensors, split_layer_name, Activation, Biases, Family};
 
 /// Frequency scaling of the rotary embedding (`rope_scaling` / `rope_parameters`).
 #[derive(Debug, Clone, PartialEq)]
@@ -60,8 +60,19 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Which linear layers have biases.
     pub biases: Biases,
-    /// Sliding attention window (Mistral); sequences longer than it are refused.
+    /// Sliding attention window (Mistral, Gemma-3) of the layers in `sliding_layers`.
     pub sliding_window: Option<usize>,
+    /// Per layer, whether it attends through the sliding window (all of Mistral's layers;
+    /// Gemma-3's `sliding_attention` layers).
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the sliding-window layers where it differs from the global one
+    /// (Gemma-3's local base; unscaled).
+    pub local_rope_theta: Option<f64>,
+    /// The MLP's gate activation.
+    pub activation: Activation,
+    /// Factor applied to the queries so attention scales scores by the family's own
+    /// constant instead of `head_dim^-1/2` (Gemma-3's `query_pre_attn_scalar`).
+    pub query_scale: Option<f64>,
     /// Beginning-of-sequence token id, if any.
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token ids.
@@ -98,8 +109,17 @@ impl ModelConfig {
             None => return Err("missing field `model_type`".into()),
         };
         let family = Family::from_model_type(&model_type).ok_or_else(|| {
-            format!("unsupported `model_type` \"{model_type}\" (supported: llama, mistral, qwen2)")
+            let hint = if model_type == "gemma3" {
+                "; use the text model's config (`text_config`, model_type gemma3_text)"
+            } else {
+                ""
+            };
+            format!(
+                "unsupported `model_type` \"{model_type}\" (supported: {}){hint}",
+                Family::MODEL_TYPES
+            )
         })?;
+        family.refuse_unsupported(&fields)?;
         let dim = |key: &str| -> std::result::Result<usize, String> {
             let v = fields
                 .get(key)
@@ -141,17 +161,15 @@ impl ModelConfig {
                 "`head_dim` ({head_dim}) must be even for rotary embeddings"
             ));
         }
-        match fields.get("hidden_act") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) if s == "silu" => {}
-            Some(other) => return Err(format!("unsupported `hidden_act` {other} (only \"silu\")")),
-        }
+        let activation = family.activation(&fields)?;
+        let query_scale = family.query_scale(&fields, head_dim)?;
         let max_position_embeddings = match fields.get("max_position_embeddings") {
             None | Some(Value::Null) => 2048,
             Some(_) => dim("max_position_embeddings")?,
         };
         let rms_norm_eps = positive_float(&fields, "rms_norm_eps")?.unwrap_or(1e-6);
-        let (rope_theta, rope_scaling) = parse_rope(&fields, family, max_position_embeddings)?;
+        let (rope_theta, rope_scaling, local_rope_theta) =
+            parse_rope(&fields, family, max_position_embeddings)?;
         let tie_word_embeddings = match fields.get("tie_word_embeddings") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
@@ -162,7 +180,7 @@ impl ModelConfig {
             }
         };
         let biases = family.biases(&fields)?;
-        let sliding_window = family.sliding_window(&fields)?;
+        let (sliding_window, sliding_layers) = family.sliding_window(&fields, num_hidden_layers)?;
         let bos_token_id = token_ids(&fields, "bos_token_id")?.first().copied();
         let eos_token_ids = token_ids(&fields, "eos_token_id")?;
         for id in bos_token_id.iter().chain(&eos_token_ids) {
@@ -188,6 +206,10 @@ impl ModelConfig {
             tie_word_embeddings,
             biases,
             sliding_window,
+            sliding_layers,
+            local_rope_theta,
+            activation,
+            query_scale,
             bos_token_id,
             eos_token_ids,
             raw: fields,
@@ -207,6 +229,47 @@ impl ModelConfig {
         h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
     }
 
+    /// The shape (Hugging Face `[out, in]`) of the checkpoint tensor `name` of this
+    /// architecture, or `None` when the architecture has no such tensor.
+    pub fn tensor_shape(&self, name: &str) -> Option<Vec<usize>> {
+        let (h, q, kv, f, d) = (
+            self.hidden_size,
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+            self.intermediate_size,
+            self.head_dim,
+        );
+        match name {
+            "model.embed_tokens.weight" | "lm_head.weight" => {
+                return Some(vec![self.vocab_size, h])
+            }
+            "model.norm.weight" => return Some(vec![h]),
+            _ => {}
+        }
+        let (layer, tail) = split_layer_name(name)?;
+        if layer >= self.num_hidden_layers
+            || !layer_tensors(self.family, self.biases)
+                .iter()
+                .any(|(n, _)| *n == tail)
+        {
+            return None;
+        }
+        Some(match tail {
+            "self_attn.q_proj.weight" => vec![q, h],
+            "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
+            "self_attn.o_proj.weight" => vec![h, q],
+            "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![f, h],
+            "mlp.down_proj.weight" => vec![h, f],
+            "self_attn.q_norm.weight" | "self_attn.k_norm.weight" => vec![d],
+            "self_attn.rotary_emb.inv_freq" => vec![d / 2],
+            "self_attn.q_proj.bias" => vec![q],
+            "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
+            "mlp.gate_proj.bias" | "mlp.up_proj.bias" => vec![f],
+            // The layer norms, o_proj's and down_proj's biases.
+            _ => vec![h],
+        })
+    }
+
     /// Every parameter of the model, as transformers counts them (tied weights once).
     pub fn total_params(&self) -> usize {
         let h = self.hidden_size;
@@ -224,6 +287,13 @@ impl ModelConfig {
         }
         if self.family.qk_norm() {
             layer += 2 * self.head_dim;
+        }
+        let norms = self.family.layer_norms();
+        if norms.attention_output.is_some() {
+            layer += h;
+        }
+        if norms.mlp_output.is_some() {
+            layer += h;
         }
         let head = if self.tie_word_embeddings {
             0
@@ -262,28 +332,85 @@ fn token_ids(fields: &Map<String, Value>, key: &str) -> std::result::Result<Vec<
 }
 
 /// Reads the RoPE base and scaling from `rope_parameters` (transformers 5), `rope_scaling`
-/// (older configs) and the top-level `rope_theta`, with transformers' precedence.
+/// (older configs) and the top-level `rope_theta`, with transformers' precedence; and, for
+/// Gemma-3, the sliding layers' base (`rope_parameters.sliding_attention` or
+/// `rope_local_base_freq`, default 10,000), whose RoPE must be unscaled.
 fn parse_rope(
     fields: &Map<String, Value>,
     family: Family,
     max_position_embeddings: usize,
-) -> std::result::Result<(f64, Option<RopeScaling>), String> {
-    let (key, params) = match (fields.get("rope_parameters"), fields.get("rope_scaling")) {
-        (Some(Value::Object(p)), _) => ("rope_parameters", Some(p)),
-        (_, Some(Value::Object(p))) => ("rope_scaling", Some(p)),
-        (_, None | Some(Value::Null)) => ("rope_scaling", None),
-        (_, Some(other)) => {
+) -> std::result::Result<(f64, Option<RopeScaling>, Option<f64>), String> {
+    let empty = Map::new();
+    let by_layer_type = match fields.get("rope_parameters") {
+        Some(Value::Object(p)) if family == Family::Gemma3 => Some(p),
+        _ => None,
+    };
+    let sub = |kind: &str| -> std::result::Result<&Map<String, Value>, String> {
+        match by_layer_type.and_then(|p| p.get(kind)) {
+            None | Some(Value::Null) => Ok(&empty),
+            Some(Value::Object(p)) => Ok(p),
+            Some(other) => Err(format!(
+                "`rope_parameters.{kind}` must be an object, found {other}"
+            )),
+        }
+    };
+    let (key, params) = match (
+        by_layer_type,
+        fields.get("rope_parameters"),
+        fields.get("rope_scaling"),
+    ) {
+        (Some(_), _, _) => (
+            "rope_parameters.full_attention",
+            Some(sub("full_attention")?),
+        ),
+        (None, Some(Value::Object(p)), _) => ("rope_parameters", Some(p)),
+        (None, _, Some(Value::Object(p))) => ("rope_scaling", Some(p)),
+        (None, _, None | Some(Value::Null)) => ("rope_scaling", None),
+        (None, _, Some(other)) => {
             return Err(format!(
                 "`rope_scaling` must be an object or null, found {other}"
             ))
         }
     };
-    let empty = Map::new();
-    let params = params.unwrap_or(&empty);
-    let theta = match positive_float(params, "rope_theta").map_err(|e| format!("{key}: {e}"))? {
-        Some(t) => t,
-        None => positive_float(fields, "rope_theta")?.unwrap_or(family.default_rope_theta()),
-    };
+    let fallback = positive_float(fields, "rope_theta")?.unwrap_or(family.default_rope_theta());
+    let (theta, scaling) = rope_params(
+        key,
+        params.unwrap_or(&empty),
+        fields,
+        fallback,
+        max_position_embeddings,
+    )?;
+    if family != Family::Gemma3 {
+        return Ok((theta, scaling, None));
+    }
+    let local_key = "rope_parameters.sliding_attention";
+    let local_fallback = positive_float(fields, "rope_local_base_freq")?.unwrap_or(10_000.0);
+    let (local, local_scaling) = rope_params(
+        local_key,
+        sub("sliding_attention")?,
+        fields,
+        local_fallback,
+        max_position_embeddings,
+    )?;
+    if local_scaling.is_some() {
+        return Err(format!(
+            "`{local_key}`: scaled RoPE on sliding-window layers is not supported"
+        ));
+    }
+    Ok((theta, scaling, Some(local)))
+}
+
+/// The base and scaling of one RoPE parameter object (`key` names it in errors).
+fn rope_params(
+    key: &str,
+    params: &Map<String, Value>,
+    fields: &Map<String, Value>,
+    fallback_theta: f64,
+    max_position_embeddings: usize,
+) -> std::result::Result<(f64, Option<RopeScaling>), String> {
+    let theta = positive_float(params, "rope_theta")
+        .map_err(|e| format!("{key}: {e}"))?
+        .unwrap_or(fallback_theta);
     if let Some(v) = params
         .get("partial_rotary_factor")
         .or(fields.get("partial_rotary_factor"))
@@ -425,6 +552,43 @@ mod tests {
     }
 
     #[test]
+    fn reads_gemma3_configs_old_and_new() {
+        // As transformers 5 writes it: layer types and RoPE per layer type.
+        let mut v = with("model_type", "gemma3_text".into());
+        v["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"]);
+        v["sliding_window"] = 512.into();
+        v["head_dim"] = 32.into();
+        v["query_pre_attn_scalar"] = 8.into();
+        v["rope_parameters"] = serde_json::json!({
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}
+        });
+        let c = parse(v).unwrap();
+        assert_eq!(c.family, Family::Gemma3);
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert_eq!(
+            (c.sliding_window, c.sliding_layers.clone()),
+            (Some(512), vec![true, false])
+        );
+        assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!(c.query_scale, Some(2.0)); // sqrt(32 / 8)
+                                              // As the hub's configs have it: a pattern, top-level bases, the default window.
+        let mut v = with("model_type", "gemma3_text".into());
+        v["num_hidden_layers"] = 7.into();
+        v["rope_local_base_freq"] = 5000.0.into();
+        v["sliding_window_pattern"] = 3.into();
+        let c = parse(v).unwrap();
+        assert_eq!(c.sliding_window, Some(4096));
+        assert_eq!(
+            c.sliding_layers,
+            vec![true, true, false, true, true, false, true]
+        );
+        assert_eq!((c.rope_theta, c.local_rope_theta), (10000.0, Some(5000.0)));
+        assert_eq!(c.query_scale, Some((16.0f64 / 256.0).sqrt()));
+    }
+
+    #[test]
     fn reads_rope_from_transformers5_rope_parameters() {
         let mut v = without("rope_theta");
         v["rope_parameters"] = serde_json::json!({
@@ -508,6 +672,43 @@ mod tests {
             let err = parse(value).unwrap_err();
             assert!(err.contains(expected), "expected {expected:?} in {err:?}");
             assert!(!err.contains('\n'), "multi-line error: {err:?}");
+        }
+        let gemma = |key: &str, value: Value| {
+            let mut v = with("model_type", "gemma3_text".into());
+            v[key] = value;
+            v
+        };
+        for (value, expected) in [
+            (
+                gemma("final_logit_softcapping", 30.0.into()),
+                "`final_logit_softcapping`",
+            ),
+            (
+                gemma("layer_types", serde_json::json!(["full_attention"])),
+                "`layer_types` must be a list of 2",
+            ),
+            (
+                gemma("layer_types", serde_json::json!(["local", "global"])),
+                "`layer_types` entries",
+            ),
+            (
+                gemma("hidden_activation", "relu".into()),
+                "unsupported `hidden_activation` \"relu\"",
+            ),
+            (
+                gemma(
+                    "rope_parameters",
+                    serde_json::json!({"sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+                ),
+                "scaled RoPE on sliding-window layers",
+            ),
+            (
+                with("model_type", "gemma3".into()),
+                "model_type gemma3_text",
+            ),
+        ] {
+            let err = parse(value).unwrap_err();
+            assert!(err.contains(expected), "expected {expected:?} in {err:?}");
         }
         let mut qwen = with("model_type", "qwen2".into());
         qwen["use_sliding_window"] = true.into();

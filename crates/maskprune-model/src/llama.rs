@@ -8,9 +8,10 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::family::Activation;
 use crate::kernels::{HeadLoss, HeadTerms, Kernels};
 use crate::lora::{LayerLora, Lora};
-use crate::rope::{inverse_frequencies, Rotary};
+use crate::rope::{inverse_frequencies, local_inverse_frequencies, Rotary};
 use crate::weights::WeightStore;
 
 /// A linear layer stored input-major (`[in, out]`), so that `y = x · W + b`.
@@ -121,6 +122,11 @@ pub struct Attention<B: Backend> {
     pub q_norm: Option<RmsNorm<B>>,
     /// The same over each key head.
     pub k_norm: Option<RmsNorm<B>>,
+    /// Factor on the queries after the rotary embedding, so scores are scaled by the
+    /// family's constant rather than `head_dim^-1/2` (Gemma-3's `query_pre_attn_scalar`).
+    pub query_scale: Option<f32>,
+    /// The sliding window this layer attends through, if any.
+    pub sliding_window: Option<usize>,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads.
@@ -167,7 +173,7 @@ impl<B: Kernels> Attention<B> {
         let (h, d) = (self.num_heads, self.head_dim);
         let adapter = |pick: fn(&LayerLora<B>) -> Option<&Lora<B>>| lora.and_then(pick);
         let (q, k, v) = self.project(x, rotary, adapter);
-        let out = B::causal_attention(q, k, v);
+        let out = self.attend(q, k, v);
         let out = match head_mask {
             Some(m) => B::scale_groups(out, m.clone(), d),
             None => out,
@@ -207,6 +213,10 @@ impl<B: Kernels> Attention<B> {
             None => x.reshape([b, t, heads, d]),
         };
         let q = rotary.apply(head_norm(q, &self.q_norm, h));
+        let q = match self.query_scale {
+            Some(s) => q * s,
+            None => q,
+        };
         let k = rotary.apply(head_norm(k, &self.k_norm, kvh));
         (q, k, v.reshape([b, t, kvh, d]))
     }
@@ -237,7 +247,15 @@ impl<B: Kernels> Attention<B> {
             None => (k, v),
         };
         cache.kv = Some((k.clone(), v.clone()));
-        B::causal_attention(q, k, v).reshape([b, t, h * d])
+        self.attend(q, k, v).reshape([b, t, h * d])
+    }
+
+    /// Causal attention, through the sliding window where there are more keys than it spans.
+    fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+        match self.sliding_window.filter(|&w| k.dims()[1] > w) {
+            Some(window) => B::windowed_attention(q, k, v, window),
+            None => B::causal_attention(q, k, v),
+        }
     }
 }
 
@@ -284,9 +302,11 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+/// The gated MLP: `down(act(gate(x)) * up(x))` (SwiGLU with `silu`, GeGLU with GELU).
 #[derive(Debug, Clone)]
 pub struct Mlp<B: Backend> {
+    /// The gate's activation.
+    pub activation: Activation,
     /// Gate projection, `[hidden, intermediate]`.
     pub gate_proj: Linear<B>,
     /// Up projection, `[hidden, intermediate]`.
@@ -314,7 +334,7 @@ impl<B: Kernels> Mlp<B> {
             .forward_lora(act, lora.and_then(|l| l.down_proj.as_ref()))
     }
 
-    /// [`Mlp::forward_lora`] before `down_proj`: `silu(gate) * up`, masked.
+    /// [`Mlp::forward_lora`] before `down_proj`: `act(gate) * up`, masked.
     fn activations(
         &self,
         x: Tensor<B, 3>,
@@ -324,7 +344,10 @@ impl<B: Kernels> Mlp<B> {
     ) -> Tensor<B, 3> {
         // Without adapters or biases: both projections and the product in one operation (one
         // kernel on burn-flex).
-        let fused = lora.is_none() && self.gate_proj.bias.is_none() && self.up_proj.bias.is_none();
+        let fused = lora.is_none()
+            && self.activation == Activation::Silu
+            && self.gate_proj.bias.is_none()
+            && self.up_proj.bias.is_none();
         let act = if fused {
             B::swiglu_projections(x, &self.gate_proj.weight, &self.up_proj.weight)
         } else {
@@ -340,7 +363,7 @@ impl<B: Kernels> Mlp<B> {
         act
     }
 
-    /// `silu(gate(x)) * up(x)` from the two projections (with their adapters).
+    /// `act(gate(x)) * up(x)` from the two projections (with their adapters).
     fn gated(&self, x: Tensor<B, 3>, lora: Option<&LayerLora<B>>) -> Tensor<B, 3> {
         let adapter = |pick: fn(&LayerLora<B>) -> Option<&Lora<B>>| lora.and_then(pick);
         let gate = self
@@ -349,21 +372,42 @@ impl<B: Kernels> Mlp<B> {
         let up = self
             .up_proj
             .forward_lora(x, adapter(|l| l.up_proj.as_ref()));
-        B::swiglu(gate, up)
+        match self.activation {
+            Activation::Silu => B::swiglu(gate, up),
+            Activation::GeluTanh => B::geglu(gate, up),
+        }
     }
 }
 
-/// One pre-norm decoder block.
+/// One pre-norm decoder block (with Gemma's sandwich norms: also on each branch's output).
 #[derive(Debug, Clone)]
 pub struct DecoderLayer<B: Backend> {
     /// Norm before attention.
-    pub input_layernorm: RmsNorm<B>,
+    pub attention_norm: RmsNorm<B>,
     /// Self-attention.
     pub self_attn: Attention<B>,
+    /// Norm on the attention output before the residual add (Gemma).
+    pub attention_output_norm: Option<RmsNorm<B>>,
     /// Norm before the MLP.
-    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp_norm: RmsNorm<B>,
     /// The MLP.
     pub mlp: Mlp<B>,
+    /// Norm on the MLP output before the residual add (Gemma).
+    pub mlp_output_norm: Option<RmsNorm<B>>,
+}
+
+/// `residual + out_norm(linear(x))`: without an output norm, [`Linear::forward_add`].
+fn branch_add<B: Kernels>(
+    linear: &Linear<B>,
+    out_norm: &Option<RmsNorm<B>>,
+    x: Tensor<B, 3>,
+    residual: Tensor<B, 3>,
+    lora: Option<&Lora<B>>,
+) -> Tensor<B, 3> {
+    match out_norm {
+        Some(norm) => residual + norm.forward(linear.forward_lora(x, lora)),
+        None => linear.forward_add(x, residual, lora),
+    }
 }
 
 impl<B: Kernels> DecoderLayer<B> {
@@ -388,15 +432,18 @@ impl<B: Kernels> DecoderLayer<B> {
     ) -> Tensor<B, 3> {
         let heads =
             self.self_attn
-                .heads_cached(self.input_layernorm.forward(x.clone()), rotary, cache);
-        let x = self.self_attn.o_proj.forward_add(heads, x, None);
-        let act = self.mlp.activations(
-            self.post_attention_layernorm.forward(x.clone()),
-            None,
-            None,
+                .heads_cached(self.attention_norm.forward(x.clone()), rotary, cache);
+        let x = branch_add(
+            &self.self_attn.o_proj,
+            &self.attention_output_norm,
+            heads,
+            x,
             None,
         );
-        self.mlp.down_proj.forward_add(act, x, None)
+        let act = self
+            .mlp
+            .activations(self.mlp_norm.forward(x.clone()), None, None, None);
+        branch_add(&self.mlp.down_proj, &self.mlp_output_norm, act, x, None)
     }
 
     /// [`DecoderLayer::forward`] that also shows `observe` the inputs of `o_proj` and
@@ -412,25 +459,29 @@ impl<B: Kernels> DecoderLayer<B> {
         let heads = mask.and_then(|m| m.heads.as_ref());
         let channels = mask.and_then(|m| m.channels.as_ref());
         let out = self.self_attn.heads(
-            self.input_layernorm.forward(x.clone()),
+            self.attention_norm.forward(x.clone()),
             rotary,
             heads,
             lora,
             observe.as_deref_mut(),
         );
-        let x = self
-            .self_attn
-            .o_proj
-            .forward_add(out, x, lora.and_then(|l| l.o_proj.as_ref()));
-        let act = self.mlp.activations(
-            self.post_attention_layernorm.forward(x.clone()),
-            channels,
-            lora,
-            observe,
+        let x = branch_add(
+            &self.self_attn.o_proj,
+            &self.attention_output_norm,
+            out,
+            x,
+            lora.and_then(|l| l.o_proj.as_ref()),
         );
-        self.mlp
-            .down_proj
-            .forward_add(act, x, lora.and_then(|l| l.down_proj.as_ref()))
+        let act = self
+            .mlp
+            .activations(self.mlp_norm.forward(x.clone()), channels, lora, observe);
+        branch_add(
+            &self.mlp.down_proj,
+            &self.mlp_output_norm,
+            act,
+            x,
+            lora.and_then(|l| l.down_proj.as_ref()),
+        )
     }
 }
 
@@ -447,7 +498,11 @@ pub struct Llama<B: Backend> {
     pub norm: RmsNorm<B>,
     /// LM head, `[hidden, vocab]` (a transposed copy of the embeddings when tied).
     pub lm_head: Tensor<B, 2>,
+    /// Factor on the embeddings on the way in (Gemma: `sqrt(hidden)`).
+    pub embed_scale: Option<f32>,
     inv_freq: Vec<f32>,
+    /// Frequencies of the sliding-window layers when they have their own base (Gemma-3).
+    local_inv_freq: Option<Vec<f32>>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -488,9 +543,13 @@ impl<B: Backend> Llama<B> {
                 },
             })
         };
+        // Gemma stores `w` and scales by `1 + w`: the offset is added once, here.
+        let offset = c.family.norm_weight_offset();
         let norm_of = |name: &str, len: usize| -> Result<RmsNorm<B>> {
+            let mut w = store.read_f32(name, &[len])?;
+            w.iter_mut().for_each(|v| *v += offset);
             Ok(RmsNorm {
-                weight: vector(name, len)?,
+                weight: Tensor::from_data(TensorData::new(w, [len]), device),
                 eps: c.rms_norm_eps,
             })
         };
@@ -501,12 +560,16 @@ impl<B: Backend> Llama<B> {
                 .then(|| norm_of(&name, c.head_dim))
                 .transpose()
         };
+        let names = c.family.layer_norms();
+        let query_scale = c.query_scale.map(|s| s as f32);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let b = c.biases;
+            let optional_norm =
+                |name: Option<&str>| name.map(|n| norm(&format!("{p}.{n}"))).transpose();
             layers.push(DecoderLayer {
-                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                attention_norm: norm(&format!("{p}.{}", names.attention_input))?,
                 self_attn: Attention {
                     q_proj: linear(&format!("{p}.self_attn.q_proj"), h, q_out, b.qkv)?,
                     k_proj: linear(&format!("{p}.self_attn.k_proj"), h, kv_out, b.qkv)?,
@@ -514,16 +577,21 @@ impl<B: Backend> Llama<B> {
                     o_proj: linear(&format!("{p}.self_attn.o_proj"), q_out, h, b.o)?,
                     q_norm: head_norm(format!("{p}.self_attn.q_norm.weight"))?,
                     k_norm: head_norm(format!("{p}.self_attn.k_norm.weight"))?,
+                    query_scale,
+                    sliding_window: c.sliding_window.filter(|_| c.sliding_layers[i]),
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                 },
-                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                attention_output_norm: optional_norm(names.attention_output)?,
+                mlp_norm: norm(&format!("{p}.{}", names.mlp_input))?,
                 mlp: Mlp {
+                    activation: c.activation,
                     gate_proj: linear(&format!("{p}.mlp.gate_proj"), h, f, b.mlp)?,
                     up_proj: linear(&format!("{p}.mlp.up_proj"), h, f, b.mlp)?,
                     down_proj: linear(&format!("{p}.mlp.down_proj"), f, h, b.mlp)?,
                 },
+                mlp_output_norm: optional_norm(names.mlp_output)?,
             });
         }
         let embed = store.read_f32("model.embed_tokens.weight", &[c.vocab_size, h])?;
@@ -538,7 +606,9 @@ impl<B: Backend> Llama<B> {
             lm_head: Tensor::from_data(TensorData::new(lm_head, [h, c.vocab_size]), device),
             norm: norm("model.norm.weight")?,
             layers,
+            embed_scale: c.family.embedding_scale(h),
             inv_freq: inverse_frequencies(c),
+            local_inv_freq: local_inverse_frequencies(c),
             config,
         })
     }
@@ -592,16 +662,7 @@ impl<B: Kernels> Llama<B> {
         lora: Option<&[LayerLora<B>]>,
         mut observe: Option<&mut ModelObserver<'_, B>>,
     ) -> Result<Tensor<B, 3>> {
-        let [b, t] = tokens.dims();
-        let c = &self.config;
-        if let Some(window) = c.sliding_window {
-            if t > window {
-                return Err(ModelError::new(
-                    "config.json",
-                    format!("sequence of {t} tokens exceeds `sliding_window` ({window}); sliding-window attention is not supported"),
-                ));
-            }
-        }
+        let t = tokens.dims()[1];
         for (what, n) in [
             ("masks", masks.map(<[_]>::len)),
             ("LoRA adapters", lora.map(<[_]>::len)),
@@ -616,14 +677,8 @@ impl<B: Kernels> Llama<B> {
                 ));
             }
         }
-        let device = self.device();
-        let rotary = Rotary::new(&self.inv_freq, 0, t, &device);
-        let ids = tokens.reshape([b * t]);
-        let mut x = self
-            .embed_tokens
-            .clone()
-            .select(0, ids)
-            .reshape([b, t, c.hidden_size]);
+        let rotaries = self.rotaries(0, t);
+        let mut x = self.embed(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             let mut observe_layer = |site: Site, t: &Tensor<B, 3>| {
                 if let Some(f) = observe.as_deref_mut() {
@@ -632,7 +687,7 @@ impl<B: Kernels> Llama<B> {
             };
             x = layer.forward_observed(
                 x,
-                &rotary,
+                self.rotary_of(&rotaries, i),
                 masks.map(|m| &m[i]),
                 lora.map(|l| &l[i]),
                 Some(&mut observe_layer),
@@ -693,8 +748,7 @@ impl<B: Kernels> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 3>> {
-        let [b, t] = tokens.dims();
-        let c = &self.config;
+        let t = tokens.dims()[1];
         let past = cache.len;
         if cache.layers.len() != self.layers.len() {
             return Err(ModelError::new(
@@ -706,24 +760,51 @@ impl<B: Kernels> Llama<B> {
                 ),
             ));
         }
-        if let Some(window) = c.sliding_window.filter(|&w| past + t > w) {
-            return Err(ModelError::new(
-                "config.json",
-                format!("{} positions exceed `sliding_window` ({window})", past + t),
-            ));
-        }
-        let device = self.device();
-        let rotary = Rotary::new(&self.inv_freq, past, t, &device);
-        let mut x = self
-            .embed_tokens
-            .clone()
-            .select(0, tokens.reshape([b * t]))
-            .reshape([b, t, c.hidden_size]);
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward_cached(x, &rotary, lc);
+        let rotaries = self.rotaries(past, t);
+        let mut x = self.embed(tokens);
+        for (i, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            x = layer.forward_cached(x, self.rotary_of(&rotaries, i), lc);
         }
         cache.len += t;
         Ok(self.norm.forward(x))
+    }
+
+    /// Token embeddings `[batch, len, hidden]`, scaled where the family scales them.
+    fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = tokens.dims();
+        let x = self
+            .embed_tokens
+            .clone()
+            .select(0, tokens.reshape([b * t]))
+            .reshape([b, t, self.config.hidden_size]);
+        match self.embed_scale {
+            Some(s) => x * s,
+            None => x,
+        }
+    }
+
+    /// Rotary tables for positions `start..start + len`: the global ones, and the
+    /// sliding-window layers' own when they have their own base.
+    fn rotaries(&self, start: usize, len: usize) -> (Rotary<B>, Option<Rotary<B>>) {
+        let device = self.device();
+        (
+            Rotary::new(&self.inv_freq, start, len, &device),
+            self.local_inv_freq
+                .as_ref()
+                .map(|f| Rotary::new(f, start, len, &device)),
+        )
+    }
+
+    /// Layer `i`'s rotary tables out of [`Llama::rotaries`].
+    fn rotary_of<'r>(
+        &self,
+        (global, local): &'r (Rotary<B>, Option<Rotary<B>>),
+        i: usize,
+    ) -> &'r Rotary<B> {
+        match local {
+            Some(local) if self.config.sliding_layers[i] => local,
+            _ => global,
+        }
     }
 
     /// Applies the LM head to hidden states.
@@ -764,7 +845,7 @@ impl<B: AutodiffBackend> Llama<B> {
                 .layers
                 .iter()
                 .map(|l| DecoderLayer {
-                    input_layernorm: norm(&l.input_layernorm),
+                    attention_norm: norm(&l.attention_norm),
                     self_attn: Attention {
                         q_proj: linear(&l.self_attn.q_proj),
                         k_proj: linear(&l.self_attn.k_proj),
@@ -772,21 +853,28 @@ impl<B: AutodiffBackend> Llama<B> {
                         o_proj: linear(&l.self_attn.o_proj),
                         q_norm: l.self_attn.q_norm.as_ref().map(norm),
                         k_norm: l.self_attn.k_norm.as_ref().map(norm),
+                        query_scale: l.self_attn.query_scale,
+                        sliding_window: l.self_attn.sliding_window,
                         num_heads: l.self_attn.num_heads,
                         num_kv_heads: l.self_attn.num_kv_heads,
                         head_dim: l.self_attn.head_dim,
                     },
-                    post_attention_layernorm: norm(&l.post_attention_layernorm),
+                    attention_output_norm: l.attention_output_norm.as_ref().map(norm),
+                    mlp_norm: norm(&l.mlp_norm),
                     mlp: Mlp {
+                        activation: l.mlp.activation,
                         gate_proj: linear(&l.mlp.gate_proj),
                         up_proj: linear(&l.mlp.up_proj),
                         down_proj: linear(&l.mlp.down_proj),
                     },
+                    mlp_output_norm: l.mlp_output_norm.as_ref().map(norm),
                 })
                 .collect(),
             norm: norm(&self.norm),
             lm_head: self.lm_head.clone().inner(),
+            embed_scale: self.embed_scale,
             inv_freq: self.inv_freq.clone(),
+            local_inv_freq: self.local_inv_freq.clone(),
         }
     }
 }
@@ -853,6 +941,8 @@ mod tests {
             v_proj: linear(hidden, kv_heads * d, 3),
             q_norm: None,
             k_norm: None,
+            query_scale: None,
+            sliding_window: None,
             o_proj: linear(heads * d, hidden, 4),
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -900,6 +990,8 @@ mod tests {
             v_proj: linear(hidden, d, 3),
             q_norm: None,
             k_norm: None,
+            query_scale: None,
+            sliding_window: None,
             o_proj: linear(2 * d, hidden, 4),
             num_heads: 2,
             num_kv_heads: 1,

@@ -10,13 +10,28 @@ use crate::kernels::Kernels;
 
 /// Inverse frequencies of the rotary embedding, computed in f32 as transformers does.
 pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
-    let dim = config.head_dim;
-    let base = config.rope_theta as f32;
+    frequencies(
+        config.head_dim,
+        config.rope_theta,
+        config.rope_scaling.as_ref(),
+    )
+}
+
+/// Inverse frequencies of the sliding-window layers when they have their own (unscaled)
+/// base (Gemma-3), else `None`: those layers use [`inverse_frequencies`].
+pub fn local_inverse_frequencies(config: &ModelConfig) -> Option<Vec<f32>> {
+    config
+        .local_rope_theta
+        .map(|theta| frequencies(config.head_dim, theta, None))
+}
+
+fn frequencies(dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f32> {
+    let base = theta as f32;
     let inv: Vec<f32> = (0..dim)
         .step_by(2)
         .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
         .collect();
-    match &config.rope_scaling {
+    match scaling {
         None => inv,
         Some(RopeScaling::Linear { factor }) => inv.iter().map(|f| f / *factor as f32).collect(),
         Some(RopeScaling::Llama3 {

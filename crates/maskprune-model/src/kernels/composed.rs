@@ -5,7 +5,7 @@
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, ElementConversion, Int, Tensor, TensorData};
 
 use super::{HeadLoss, HeadTerms};
 use crate::rope::Rotary;
@@ -28,6 +28,14 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// `silu(gate) * up`.
 pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
     silu(gate) * up
+}
+
+/// `gelu_tanh(gate) * up` (GeGLU), with PyTorch's tanh approximation of GELU:
+/// `0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`.
+pub fn geglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    let inner = (gate.clone() + gate.clone().powi_scalar(3) * 0.044715)
+        * (2.0f64 / std::f64::consts::PI).sqrt();
+    (gate * 0.5) * (inner.tanh() + 1.0) * up
 }
 
 /// `x` with each run of `group` values of its last dimension scaled by `m[i]`.
@@ -68,10 +76,18 @@ pub fn rotary<B: Backend>(x: Tensor<B, 4>, tables: &Rotary<B>) -> Tensor<B, 4> {
 }
 
 /// Causal grouped-query attention with burn's `attention` op (a flash kernel on CUDA), the
-/// KV heads expanded to their query heads.
-pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+/// KV heads expanded to their query heads; with `window`, a query
+/// also ignores keys `window` or more positions behind it (sliding-window layers, as
+/// transformers' `sliding_window_overlay`).
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    window: Option<usize>,
+) -> Tensor<B, 4> {
     let [b, len, kvh, d] = k.dims();
-    let rep = q.dims()[2] / kvh;
+    let [_, t, h, _] = q.dims();
+    let rep = h / kvh;
     // Grouped-query attention: each KV head serves `rep` consecutive query heads.
     let heads_first = |x: Tensor<B, 4>| {
         let x = x.swap_dims(1, 2);
@@ -83,6 +99,15 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) 
                 .reshape([b, kvh * rep, len, d])
         }
     };
+    // `true` hides a key: query `i` sits at position `len - t + i`.
+    let mask = window.map(|w| {
+        let hidden: Vec<bool> = (0..t)
+            .flat_map(|i| (0..len).map(move |j| j + w <= len - t + i))
+            .collect();
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(hidden, [t, len]), &q.device())
+            .reshape([1, 1, t, len])
+            .expand([b, h, t, len])
+    });
     let options = AttentionModuleOptions {
         scale: None,
         softcap: None,
@@ -92,7 +117,7 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) 
         q.swap_dims(1, 2),
         heads_first(k),
         heads_first(v),
-        None,
+        mask,
         None,
         options,
     )

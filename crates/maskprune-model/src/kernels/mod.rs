@@ -84,6 +84,11 @@ pub trait Kernels: Backend {
         composed::swiglu(gate, up)
     }
 
+    /// `gelu_tanh(gate) * up` elementwise (GeGLU's input to `down_proj`).
+    fn geglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        composed::geglu(gate, up)
+    }
+
     /// `x` with each run of `group` values of its last dimension (`m.len() · group` wide)
     /// scaled by `m[i]`: a query head's `head_dim` outputs, or one MLP channel (`group = 1`).
     fn scale_groups<const D: usize>(
@@ -114,7 +119,18 @@ pub trait Kernels: Backend {
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
-        composed::attention(q, k, v)
+        composed::attention(q, k, v, None)
+    }
+
+    /// [`Kernels::causal_attention`] where each query also ignores the keys `window` or
+    /// more positions behind it (sliding-window layers longer than their window).
+    fn windowed_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        window: usize,
+    ) -> Tensor<Self, 4> {
+        composed::attention(q, k, v, Some(window))
     }
 
     /// `log softmax(hidden · head)[target]` per row of `hidden` `[rows, width]`.
