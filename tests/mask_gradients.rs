@@ -150,7 +150,7 @@ fn step_gradients<Bk: maskprune_model::TrainKernels>(temperature: f64) -> (f64, 
     )
     .require_grad();
     let settings = LoraSettings {
-        targets: maskprune_model::lora::LORA_TARGETS
+        targets: maskprune_model::lora::lora_targets()
             .map(String::from)
             .to_vec(),
         ..LoraSettings::default()

@@ -20,7 +20,7 @@ use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::next_token_targets;
 use maskprune_model::llama::{transpose, Linear};
 use maskprune_model::{HeadTerms, Kernels};
-use maskprune_model::{Llama, ModelConfig, Result, Site, WeightStore};
+use maskprune_model::{Llama, ModelConfig, Projection, Result, Site, WeightStore};
 use maskprune_surgery::rank::{unit_sums, LayerImportance};
 use maskprune_surgery::LayerScores;
 
@@ -198,14 +198,11 @@ pub fn activation_scores<B: Kernels>(
         Method::WandaSp => x.abs() as f64 * a,
         _ => (x as f64).powi(2) * a,
     };
-    let (h, f) = (c.hidden_size, c.intermediate_size);
+    let f = c.intermediate_size;
     (0..c.num_hidden_layers)
         .map(|l| {
-            let read = |name: &str, shape: [usize; 2]| {
-                store.read_f32(&format!("model.layers.{l}.{name}.weight"), &shape)
-            };
-            let o = read("self_attn.o_proj", [h, o_width])?;
-            let down = read("mlp.down_proj", [h, f])?;
+            let o = store.read_projection(c, l, Projection::O)?;
+            let down = store.read_projection(c, l, Projection::Down)?;
             let [o_stats, down_stats] = &stats[l];
             let imp = LayerImportance {
                 o: Some(column_weighted(&o, o_width, &statistic(o_stats), weigh)),

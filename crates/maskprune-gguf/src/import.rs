@@ -3,7 +3,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use maskprune_model::family::{layer_tensors, GGUF_OUTER_TENSORS};
+use maskprune_model::family::{
+    layer_tensor_name, layer_tensors, EMBEDDINGS, FINAL_NORM, GGUF_OUTER_TENSORS,
+};
 use maskprune_model::output::{write_dir_atomically, write_file_atomically};
 use maskprune_model::{Family, ModelConfig, ModelError};
 use safetensors::tensor::{Dtype, TensorView};
@@ -64,7 +66,7 @@ pub fn hf_tensor_name(family: Family, gguf_name: &str) -> Option<String> {
         .gguf_layer_modules()
         .into_iter()
         .find(|(g, _)| *g == part)?;
-    Some(format!("model.layers.{layer}.{module}.{kind}"))
+    Some(layer_tensor_name(layer, &format!("{module}.{kind}")))
 }
 
 /// Undoes llama.cpp's q/k row permutation: within each head, GGUF row `2i + p` is HF row
@@ -329,15 +331,12 @@ pub fn import_gguf(
     // Every tensor transformers will ask for must be there.
     let have: std::collections::HashSet<&str> =
         converted.iter().map(|(n, _, _)| n.as_str()).collect();
-    let mut required_names = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-    ];
+    let mut required_names = vec![EMBEDDINGS.to_string(), FINAL_NORM.to_string()];
     for l in 0..config.num_hidden_layers {
         for (tail, _) in layer_tensors(config.family, config.biases) {
             // A buffer llama.cpp recomputes, never stored.
             if !tail.ends_with("inv_freq") {
-                required_names.push(format!("model.layers.{l}.{tail}"));
+                required_names.push(layer_tensor_name(l, tail));
             }
         }
     }

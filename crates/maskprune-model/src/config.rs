@@ -6,7 +6,10 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::error::{ModelError, Result};
-use crate::family::{layer_tensors, split_layer_name, Activation, Biases, Family};
+use crate::family::{
+    layer_tensors, split_layer_name, Activation, Biases, Family, Projection, EMBEDDINGS,
+    FINAL_NORM, HEAD_NORMS, LM_HEAD,
+};
 
 /// Frequency scaling of the rotary embedding (`rope_scaling` / `rope_parameters`).
 #[derive(Debug, Clone, PartialEq)]
@@ -223,27 +226,36 @@ impl ModelConfig {
 
     /// Parameters of one decoder layer's linear weights (biases and norms excluded).
     pub fn layer_linear_params(&self) -> usize {
-        let h = self.hidden_size;
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
+        Projection::ALL
+            .into_iter()
+            .map(|p| self.projection_shape(p).iter().product::<usize>())
+            .sum()
+    }
+
+    /// The weight shape of a projection, PyTorch's `[out, in]`.
+    pub fn projection_shape(&self, p: Projection) -> [usize; 2] {
+        let (h, q, kv, f) = (
+            self.hidden_size,
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+            self.intermediate_size,
+        );
+        match p {
+            Projection::Q => [q, h],
+            Projection::K | Projection::V => [kv, h],
+            Projection::O => [h, q],
+            Projection::Gate | Projection::Up => [f, h],
+            Projection::Down => [h, f],
+        }
     }
 
     /// The shape (Hugging Face `[out, in]`) of the checkpoint tensor `name` of this
     /// architecture, or `None` when the architecture has no such tensor.
     pub fn tensor_shape(&self, name: &str) -> Option<Vec<usize>> {
-        let (h, q, kv, f, d) = (
-            self.hidden_size,
-            self.num_attention_heads * self.head_dim,
-            self.num_key_value_heads * self.head_dim,
-            self.intermediate_size,
-            self.head_dim,
-        );
+        let (h, d) = (self.hidden_size, self.head_dim);
         match name {
-            "model.embed_tokens.weight" | "lm_head.weight" => {
-                return Some(vec![self.vocab_size, h])
-            }
-            "model.norm.weight" => return Some(vec![h]),
+            EMBEDDINGS | LM_HEAD => return Some(vec![self.vocab_size, h]),
+            FINAL_NORM => return Some(vec![h]),
             _ => {}
         }
         let (layer, tail) = split_layer_name(name)?;
@@ -254,19 +266,21 @@ impl ModelConfig {
         {
             return None;
         }
-        Some(match tail {
-            "self_attn.q_proj.weight" => vec![q, h],
-            "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
-            "self_attn.o_proj.weight" => vec![h, q],
-            "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![f, h],
-            "mlp.down_proj.weight" => vec![h, f],
-            "self_attn.q_norm.weight" | "self_attn.k_norm.weight" => vec![d],
-            "self_attn.rotary_emb.inv_freq" => vec![d / 2],
-            "self_attn.q_proj.bias" => vec![q],
-            "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
-            "mlp.gate_proj.bias" | "mlp.up_proj.bias" => vec![f],
-            // The layer norms, o_proj's and down_proj's biases.
-            _ => vec![h],
+        let (module, kind) = tail.rsplit_once('.')?;
+        if let Some(p) = Projection::ALL.into_iter().find(|p| p.module() == module) {
+            let [out, input] = self.projection_shape(p);
+            return Some(if kind == "weight" {
+                vec![out, input]
+            } else {
+                vec![out]
+            });
+        }
+        Some(if HEAD_NORMS.contains(&tail) {
+            vec![d]
+        } else if kind == "inv_freq" {
+            vec![d / 2]
+        } else {
+            vec![h] // the layer norms
         })
     }
 

@@ -104,20 +104,83 @@ pub fn layer_tensors(family: Family, biases: Biases) -> Vec<(&'static str, Slici
         ]);
     }
     if family.qk_norm() {
-        t.extend([
-            ("self_attn.q_norm.weight", Whole),
-            ("self_attn.k_norm.weight", Whole),
-        ]);
+        t.extend(HEAD_NORMS.map(|n| (n, Whole)));
     }
     t
 }
 
+/// The per-head RMSNorms of the queries and the keys (Qwen3, Gemma-3), `[head_dim]` each.
+pub const HEAD_NORMS: [&str; 2] = ["self_attn.q_norm.weight", "self_attn.k_norm.weight"];
+
+/// The token embeddings, `[vocab, hidden]`.
+pub const EMBEDDINGS: &str = "model.embed_tokens.weight";
+/// The final norm, `[hidden]`.
+pub const FINAL_NORM: &str = "model.norm.weight";
+/// The LM head, `[vocab, hidden]` (absent when tied to the embeddings).
+pub const LM_HEAD: &str = "lm_head.weight";
 /// The tensors outside the decoder layers (a tied checkpoint may leave out the LM head).
-pub const OUTER_TENSORS: [&str; 3] = [
-    "model.embed_tokens.weight",
-    "model.norm.weight",
-    "lm_head.weight",
-];
+pub const OUTER_TENSORS: [&str; 3] = [EMBEDDINGS, FINAL_NORM, LM_HEAD];
+
+/// The seven projections of a decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    /// `self_attn.q_proj`.
+    Q,
+    /// `self_attn.k_proj`.
+    K,
+    /// `self_attn.v_proj`.
+    V,
+    /// `self_attn.o_proj`.
+    O,
+    /// `mlp.gate_proj`.
+    Gate,
+    /// `mlp.up_proj`.
+    Up,
+    /// `mlp.down_proj`.
+    Down,
+}
+
+impl Projection {
+    /// All seven, attention first.
+    pub const ALL: [Projection; 7] = [
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+    ];
+
+    /// The short name (`q_proj`), as LoRA targets are written.
+    pub fn short(self) -> &'static str {
+        self.module().split_once('.').expect("module.proj").1
+    }
+
+    /// The module within a layer (`self_attn.q_proj`).
+    pub fn module(self) -> &'static str {
+        match self {
+            Projection::Q => "self_attn.q_proj",
+            Projection::K => "self_attn.k_proj",
+            Projection::V => "self_attn.v_proj",
+            Projection::O => "self_attn.o_proj",
+            Projection::Gate => "mlp.gate_proj",
+            Projection::Up => "mlp.up_proj",
+            Projection::Down => "mlp.down_proj",
+        }
+    }
+
+    /// The projection of a short name, `None` for anything else.
+    pub fn from_short(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.short() == name)
+    }
+}
+
+/// The full name of tensor `tail` (`mlp.up_proj.weight`) of decoder layer `layer`: the
+/// inverse of [`split_layer_name`].
+pub fn layer_tensor_name(layer: usize, tail: &str) -> String {
+    format!("model.layers.{layer}.{tail}")
+}
 
 /// llama.cpp's `gemma3`: every 6th layer global, the others sliding.
 const GEMMA3_GGUF_PATTERN: u64 = 6;
@@ -126,9 +189,9 @@ const GEMMA3_GGUF_LOCAL_BASE: f64 = 10_000.0;
 
 /// llama.cpp's names of the tensors outside the layers (`token_embd.weight`, ...).
 pub const GGUF_OUTER_TENSORS: [(&str, &str); 3] = [
-    ("token_embd.weight", "model.embed_tokens.weight"),
-    ("output_norm.weight", "model.norm.weight"),
-    ("output.weight", "lm_head.weight"),
+    ("token_embd.weight", EMBEDDINGS),
+    ("output_norm.weight", FINAL_NORM),
+    ("output.weight", LM_HEAD),
 ];
 
 /// `(layer, name within the layer)` of a decoder-layer tensor name.

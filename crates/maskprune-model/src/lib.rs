@@ -17,7 +17,7 @@ pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
-pub use family::{Activation, Biases, Family};
+pub use family::{Activation, Biases, Family, Projection};
 pub use kernels::{HeadLoss, HeadTerms, Kernels, TrainKernels};
 pub use llama::{KvCache, LayerMask, Llama, Site};
 pub use lora::{Adapters, LayerLora, Lora, LoraSettings};

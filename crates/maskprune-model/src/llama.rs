@@ -8,7 +8,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::family::Activation;
+use crate::family::{
+    layer_tensor_name, Activation, Projection, EMBEDDINGS, FINAL_NORM, HEAD_NORMS, LM_HEAD,
+};
 use crate::kernels::{HeadLoss, HeadTerms, Kernels};
 use crate::lora::{LayerLora, Lora};
 use crate::rope::{inverse_frequencies, local_inverse_frequencies, Rotary};
@@ -520,27 +522,19 @@ impl<B: Backend> Llama<B> {
         device: &B::Device,
     ) -> Result<Self> {
         let c = &config;
-        let (h, q_out, kv_out, f) = (
-            c.hidden_size,
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-            c.intermediate_size,
-        );
+        let h = c.hidden_size;
         let vector = |name: &str, len: usize| -> Result<Tensor<B, 1>> {
             let data = store.read_f32(name, &[len])?;
             Ok(Tensor::from_data(TensorData::new(data, [len]), device))
         };
         // PyTorch stores Linear weights as [out, in]; we keep [in, out].
-        let linear = |prefix: &str, d_in: usize, d_out: usize, bias: bool| -> Result<Linear<B>> {
-            let w = store.read_f32(&format!("{prefix}.weight"), &[d_out, d_in])?;
-            let w = transpose(&w, d_out, d_in);
+        let linear = |layer: usize, p: Projection, bias: bool| -> Result<Linear<B>> {
+            let [d_out, d_in] = c.projection_shape(p);
+            let w = transpose(&store.read_projection(c, layer, p)?, d_out, d_in);
+            let bias_name = layer_tensor_name(layer, &format!("{}.bias", p.module()));
             Ok(Linear {
                 weight: Tensor::from_data(TensorData::new(w, [d_in, d_out]), device),
-                bias: if bias {
-                    Some(vector(&format!("{prefix}.bias"), d_out)?)
-                } else {
-                    None
-                },
+                bias: bias.then(|| vector(&bias_name, d_out)).transpose()?,
             })
         };
         // Gemma stores `w` and scales by `1 + w`: the offset is added once, here.
@@ -554,29 +548,28 @@ impl<B: Backend> Llama<B> {
             })
         };
         let norm = |name: &str| norm_of(name, h);
-        let head_norm = |name: String| -> Result<Option<RmsNorm<B>>> {
+        let head_norm = |name: &str| -> Result<Option<RmsNorm<B>>> {
             c.family
                 .qk_norm()
-                .then(|| norm_of(&name, c.head_dim))
+                .then(|| norm_of(name, c.head_dim))
                 .transpose()
         };
         let names = c.family.layer_norms();
         let query_scale = c.query_scale.map(|s| s as f32);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
             let b = c.biases;
-            let optional_norm =
-                |name: Option<&str>| name.map(|n| norm(&format!("{p}.{n}"))).transpose();
+            let name = |tail: &str| layer_tensor_name(i, tail);
+            let optional_norm = |tail: Option<&str>| tail.map(|t| norm(&name(t))).transpose();
             layers.push(DecoderLayer {
-                attention_norm: norm(&format!("{p}.{}", names.attention_input))?,
+                attention_norm: norm(&name(names.attention_input))?,
                 self_attn: Attention {
-                    q_proj: linear(&format!("{p}.self_attn.q_proj"), h, q_out, b.qkv)?,
-                    k_proj: linear(&format!("{p}.self_attn.k_proj"), h, kv_out, b.qkv)?,
-                    v_proj: linear(&format!("{p}.self_attn.v_proj"), h, kv_out, b.qkv)?,
-                    o_proj: linear(&format!("{p}.self_attn.o_proj"), q_out, h, b.o)?,
-                    q_norm: head_norm(format!("{p}.self_attn.q_norm.weight"))?,
-                    k_norm: head_norm(format!("{p}.self_attn.k_norm.weight"))?,
+                    q_proj: linear(i, Projection::Q, b.qkv)?,
+                    k_proj: linear(i, Projection::K, b.qkv)?,
+                    v_proj: linear(i, Projection::V, b.qkv)?,
+                    o_proj: linear(i, Projection::O, b.o)?,
+                    q_norm: head_norm(&name(HEAD_NORMS[0]))?,
+                    k_norm: head_norm(&name(HEAD_NORMS[1]))?,
                     query_scale,
                     sliding_window: c.sliding_window.filter(|_| c.sliding_layers[i]),
                     num_heads: c.num_attention_heads,
@@ -584,27 +577,27 @@ impl<B: Backend> Llama<B> {
                     head_dim: c.head_dim,
                 },
                 attention_output_norm: optional_norm(names.attention_output)?,
-                mlp_norm: norm(&format!("{p}.{}", names.mlp_input))?,
+                mlp_norm: norm(&name(names.mlp_input))?,
                 mlp: Mlp {
                     activation: c.activation,
-                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), h, f, b.mlp)?,
-                    up_proj: linear(&format!("{p}.mlp.up_proj"), h, f, b.mlp)?,
-                    down_proj: linear(&format!("{p}.mlp.down_proj"), f, h, b.mlp)?,
+                    gate_proj: linear(i, Projection::Gate, b.mlp)?,
+                    up_proj: linear(i, Projection::Up, b.mlp)?,
+                    down_proj: linear(i, Projection::Down, b.mlp)?,
                 },
                 mlp_output_norm: optional_norm(names.mlp_output)?,
             });
         }
-        let embed = store.read_f32("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed = store.read_f32(EMBEDDINGS, &[c.vocab_size, h])?;
         let lm_head = if c.tie_word_embeddings {
             transpose(&embed, c.vocab_size, h)
         } else {
-            let w = store.read_f32("lm_head.weight", &[c.vocab_size, h])?;
+            let w = store.read_f32(LM_HEAD, &[c.vocab_size, h])?;
             transpose(&w, c.vocab_size, h)
         };
         Ok(Self {
             embed_tokens: Tensor::from_data(TensorData::new(embed, [c.vocab_size, h]), device),
             lm_head: Tensor::from_data(TensorData::new(lm_head, [h, c.vocab_size]), device),
-            norm: norm("model.norm.weight")?,
+            norm: norm(FINAL_NORM)?,
             layers,
             embed_scale: c.family.embedding_scale(h),
             inv_freq: inverse_frequencies(c),

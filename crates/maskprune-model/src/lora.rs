@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::family::{layer_tensor_name, Projection};
 
 /// A low-rank adapter `scale·A·B` added to a linear layer (LoRA).
 #[derive(Debug, Clone)]
@@ -60,6 +61,21 @@ pub struct LayerLora<B: Backend> {
     pub down_proj: Option<Lora<B>>,
 }
 
+impl<B: Backend> LayerLora<B> {
+    /// The adapter slot of projection `p`.
+    pub fn slot_mut(&mut self, p: Projection) -> &mut Option<Lora<B>> {
+        match p {
+            Projection::Q => &mut self.q_proj,
+            Projection::K => &mut self.k_proj,
+            Projection::V => &mut self.v_proj,
+            Projection::O => &mut self.o_proj,
+            Projection::Gate => &mut self.gate_proj,
+            Projection::Up => &mut self.up_proj,
+            Projection::Down => &mut self.down_proj,
+        }
+    }
+}
+
 impl<B: Backend> Default for LayerLora<B> {
     fn default() -> Self {
         Self {
@@ -92,11 +108,11 @@ impl LoraSettings {
         match self
             .targets
             .iter()
-            .find(|x| !LORA_TARGETS.contains(&x.as_str()))
+            .find(|x| Projection::from_short(x).is_none())
         {
             Some(bad) => Err(format!(
                 "lora.targets: unknown projection `{bad}` (one of {})",
-                LORA_TARGETS.join(", ")
+                lora_targets().join(", ")
             )),
             None => Ok(()),
         }
@@ -113,16 +129,10 @@ impl Default for LoraSettings {
     }
 }
 
-/// The projections LoRA adapters can target.
-pub const LORA_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// Every projection adapters can attach to (short names: `q_proj`, ..., `down_proj`).
+pub fn lora_targets() -> [&'static str; 7] {
+    Projection::ALL.map(Projection::short)
+}
 
 /// One adapter matrix and its Adam moments.
 #[derive(Debug, Clone, PartialEq)]
@@ -152,31 +162,6 @@ pub struct Adapters {
     pub adam_steps: u64,
 }
 
-fn dims(c: &ModelConfig, proj: &str) -> (usize, usize) {
-    let (h, q, kv, f) = (
-        c.hidden_size,
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-        c.intermediate_size,
-    );
-    match proj {
-        "q_proj" => (h, q),
-        "k_proj" | "v_proj" => (h, kv),
-        "o_proj" => (q, h),
-        "gate_proj" | "up_proj" => (h, f),
-        _ => (f, h), // down_proj; the config check refuses anything else
-    }
-}
-
-/// The module path of a projection (`self_attn` or `mlp`).
-pub fn module_of(proj: &str) -> &'static str {
-    if ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&proj) {
-        "self_attn"
-    } else {
-        "mlp"
-    }
-}
-
 impl Adapters {
     /// Fresh adapters: `a` Gaussian with std `1/rank` (seeded), `b = 0`, so the student starts
     /// as the base model.
@@ -192,8 +177,9 @@ impl Adapters {
         if s.rank > 0 {
             for l in 0..c.num_hidden_layers {
                 for proj in &s.targets {
-                    let (d_in, d_out) = dims(c, proj);
-                    let base = format!("model.layers.{l}.{}.{proj}", module_of(proj));
+                    let p = Projection::from_short(proj).expect("targets are checked");
+                    let [d_out, d_in] = c.projection_shape(p);
+                    let base = layer_tensor_name(l, p.module());
                     let a: Vec<f32> = (0..d_in * s.rank)
                         .map(|_| (gauss() / s.rank as f64) as f32)
                         .collect();
@@ -251,16 +237,8 @@ impl Adapters {
                     b: flat[i + 1].clone(),
                     scale: self.scale,
                 };
-                let slot = match proj.as_str() {
-                    "q_proj" => &mut layer.q_proj,
-                    "k_proj" => &mut layer.k_proj,
-                    "v_proj" => &mut layer.v_proj,
-                    "o_proj" => &mut layer.o_proj,
-                    "gate_proj" => &mut layer.gate_proj,
-                    "up_proj" => &mut layer.up_proj,
-                    _ => &mut layer.down_proj,
-                };
-                *slot = Some(lora);
+                let p = Projection::from_short(proj).expect("targets are checked");
+                *layer.slot_mut(p) = Some(lora);
             }
         }
         (out, flat)

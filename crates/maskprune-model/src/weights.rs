@@ -9,7 +9,9 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde_json::Value;
 
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::family::{layer_tensor_name, Projection};
 
 /// Where one tensor lives: which file, its dtype, shape and byte range in that file.
 #[derive(Debug, Clone)]
@@ -97,6 +99,18 @@ impl WeightStore {
         let mut names: Vec<&str> = self.entries.keys().map(String::as_str).collect();
         names.sort_unstable();
         names
+    }
+
+    /// Reads the weight of projection `p` of decoder layer `layer` as f32, PyTorch's
+    /// `[out, in]`, checking its shape against `config`.
+    pub fn read_projection(
+        &self,
+        config: &ModelConfig,
+        layer: usize,
+        p: Projection,
+    ) -> Result<Vec<f32>> {
+        let name = layer_tensor_name(layer, &format!("{}.weight", p.module()));
+        self.read_f32(&name, &config.projection_shape(p))
     }
 
     /// Reads tensor `name` as f32, checking it has exactly `shape`.

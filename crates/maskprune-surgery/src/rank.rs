@@ -2,7 +2,7 @@
 //! the L2 norm of all the weights that belong to a unit), and uniform plans keeping the top
 //! units at the same widths in every layer.
 
-use maskprune_model::{ModelConfig, Result, WeightStore};
+use maskprune_model::{ModelConfig, Projection, Result, WeightStore};
 
 use crate::plan::{Granularity, LayerPlan, PrunePlan};
 use crate::widths::Widths;
@@ -94,22 +94,15 @@ pub fn unit_sums(imp: &LayerImportance, c: &ModelConfig) -> LayerScores {
 
 /// Reads one layer's seven projection weights (PyTorch layout) as f32.
 fn layer_weights(store: &WeightStore, c: &ModelConfig, l: usize) -> Result<LayerImportance> {
-    let (h, d, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
-    let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-    let p = format!("model.layers.{l}");
-    let read = |name: &str, shape: [usize; 2]| {
-        store
-            .read_f32(&format!("{p}.{name}.weight"), &shape)
-            .map(Some)
-    };
+    let read = |p: Projection| store.read_projection(c, l, p).map(Some);
     Ok(LayerImportance {
-        q: read("self_attn.q_proj", [nq * d, h])?,
-        k: read("self_attn.k_proj", [nkv * d, h])?,
-        v: read("self_attn.v_proj", [nkv * d, h])?,
-        o: read("self_attn.o_proj", [h, nq * d])?,
-        gate: read("mlp.gate_proj", [f, h])?,
-        up: read("mlp.up_proj", [f, h])?,
-        down: read("mlp.down_proj", [h, f])?,
+        q: read(Projection::Q)?,
+        k: read(Projection::K)?,
+        v: read(Projection::V)?,
+        o: read(Projection::O)?,
+        gate: read(Projection::Gate)?,
+        up: read(Projection::Up)?,
+        down: read(Projection::Down)?,
     })
 }
 

@@ -3,7 +3,7 @@
 use maskprune_surgery::Granularity;
 use serde::{Deserialize, Serialize};
 
-pub use maskprune_model::lora::{LoraSettings, LORA_TARGETS};
+pub use maskprune_model::lora::{lora_targets, LoraSettings};
 
 use crate::minimax::MinimaxRates;
 

@@ -17,7 +17,7 @@ use maskprune_model::output::write_file_atomically;
 use maskprune_model::{weights_sha256, HeadTerms, LayerLora, Llama, TrainKernels, WeightStore};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{parse_with_overrides, CalibrationConfig, LoraSettings, LORA_TARGETS};
+use crate::config::{lora_targets, parse_with_overrides, CalibrationConfig, LoraSettings};
 use crate::run::{
     batch_rows, err, open_log, read_checkpoint, split_calibration, truncate_log, write_checkpoint,
     Checkpoint, Provenance,
@@ -51,7 +51,7 @@ fn default_data() -> CalibrationConfig {
 
 fn default_lora() -> LoraSettings {
     LoraSettings {
-        targets: LORA_TARGETS.map(String::from).to_vec(),
+        targets: lora_targets().map(String::from).to_vec(),
         ..LoraSettings::default()
     }
 }
