@@ -180,6 +180,17 @@ fn qwen2_with_qkv_biases_and_tied_embeddings_matches_transformers() {
     );
 }
 
+/// `total_params` equals the elements of every tensor in the fixture's checkpoint.
+fn counts_every_stored_parameter(name: &str, model: &Llama<B>) {
+    let store = maskprune_model::WeightStore::open(&fixtures().join(name)).unwrap();
+    let stored: usize = store
+        .names()
+        .into_iter()
+        .map(|n| store.shape(n).unwrap().iter().product::<usize>())
+        .sum();
+    assert_eq!(model.config.total_params(), stored, "{name}");
+}
+
 #[test]
 fn qwen3_with_head_norms_and_explicit_head_dim_matches_transformers_dense_and_masked() {
     family_logits_match("tiny-qwen3");
@@ -188,14 +199,8 @@ fn qwen3_with_head_norms_and_explicit_head_dim_matches_transformers_dense_and_ma
     let attn = &model.layers[0].self_attn;
     assert!(attn.q_norm.is_some() && attn.k_norm.is_some() && attn.q_proj.bias.is_none());
     assert_eq!((model.config.hidden_size, model.config.head_dim), (32, 16));
-    // The parameter count includes the per-head norms: every tensor of the checkpoint.
-    let store = maskprune_model::WeightStore::open(&fixtures().join("tiny-qwen3")).unwrap();
-    let stored: usize = store
-        .names()
-        .into_iter()
-        .map(|n| store.shape(n).unwrap().iter().product::<usize>())
-        .sum();
-    assert_eq!(model.config.total_params(), stored);
+    // The parameter count includes the per-head norms.
+    counts_every_stored_parameter("tiny-qwen3", &model);
 }
 
 #[test]
@@ -210,14 +215,8 @@ fn gemma3_matches_transformers_dense_and_masked() {
     let layer = &model.layers[0];
     assert!(layer.attention_output_norm.is_some() && layer.mlp_output_norm.is_some());
     assert_eq!(model.embed_scale, Some(32f32.sqrt()));
-    // Every stored tensor is counted (tied embeddings once).
-    let store = maskprune_model::WeightStore::open(&fixtures().join("tiny-gemma3")).unwrap();
-    let stored: usize = store
-        .names()
-        .into_iter()
-        .map(|n| store.shape(n).unwrap().iter().product::<usize>())
-        .sum();
-    assert_eq!(model.config.total_params(), stored);
+    // The sandwich norms are counted, the tied embeddings once.
+    counts_every_stored_parameter("tiny-gemma3", &model);
     // 40 tokens: the first layer attends through its 16-token window, the second globally.
     long_logits_match("tiny-gemma3");
 }

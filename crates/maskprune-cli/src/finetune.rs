@@ -84,26 +84,25 @@ fn resolve_config(a: &Args, run_dir: &Path) -> anyhow::Result<FinetuneConfig> {
         }
         None => toml::to_string(&FinetuneConfig::default())?,
     };
-    let mut overrides = a.set.clone();
-    if let Some(n) = a.steps {
-        overrides.push(format!("train.steps={n}"));
-    }
-    if let Some(r) = a.lora_rank {
-        overrides.push(format!("lora.rank={r}"));
-    }
-    if let Some(t) = &a.lora_targets {
-        let list: Vec<String> = t.split(',').map(|x| format!("\"{}\"", x.trim())).collect();
-        overrides.push(format!("lora.targets=[{}]", list.join(",")));
-    }
-    if let Some(d) = a.data.as_deref().filter(|d| !is_calibration_file(d)) {
-        overrides.push(format!("data.dataset=\"{d}\""));
-    }
     let source = a
         .config
         .as_deref()
         .unwrap_or(Path::new("finetune defaults"));
-    FinetuneConfig::parse(&text, &overrides)
-        .map_err(|m| anyhow::anyhow!("{}: {m}", source.display()))
+    FinetuneConfig::parse_with(&text, &a.set, |c| {
+        if let Some(n) = a.steps {
+            c.train.steps = n;
+        }
+        if let Some(r) = a.lora_rank {
+            c.lora.rank = r;
+        }
+        if let Some(t) = &a.lora_targets {
+            c.lora.targets = t.split(',').map(|x| x.trim().to_string()).collect();
+        }
+        if let Some(d) = a.data.as_deref().filter(|d| !is_calibration_file(d)) {
+            c.data.dataset = d.to_string();
+        }
+    })
+    .map_err(|m| anyhow::anyhow!("{}: {m}", source.display()))
 }
 
 /// Whether `--data` names a calibration set file rather than a dataset.

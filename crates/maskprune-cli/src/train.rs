@@ -122,36 +122,23 @@ impl std::str::FromStr for PruneMethod {
     }
 }
 
-/// Resolves the configuration with every override applied.
+/// Resolves the configuration: the file, its `--set` overrides, then the flags.
 fn resolve_config(o: &TrainOptions) -> anyhow::Result<TrainConfig> {
-    let mut overrides = o.set.clone();
-    if let Some(s) = o.sparsity {
-        overrides.push(format!("budget.sparsity={s}"));
-    }
-    if let Some(n) = o.target_params {
-        overrides.push(format!("budget.target_params={n}"));
-    }
-    if let Some(g) = o.granularity {
-        let name = match g {
-            Granularity::KvGroup => "kv_group",
-            Granularity::QueryHead => "query_head",
-        };
-        overrides.push(format!("budget.granularity=\"{name}\""));
-    }
     let text = std::fs::read_to_string(&o.config)
         .with_context(|| format!("{}: cannot read", o.config.display()))?;
-    // A budget flag replaces the config's budget kind.
-    let mut table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", o.config.display(), e.message()))?;
-    if o.sparsity.is_some() || o.target_params.is_some() {
-        if let Some(b) = table.get_mut("budget").and_then(|b| b.as_table_mut()) {
-            b.remove("sparsity");
-            b.remove("target_params");
+    let mut config = TrainConfig::parse_with(&text, &o.set, |c| {
+        // A budget flag replaces the config's budget kind.
+        if let Some(s) = o.sparsity {
+            (c.budget.sparsity, c.budget.target_params) = (Some(s), None);
         }
-    }
-    let mut config = TrainConfig::parse(&toml::to_string(&table)?, &overrides)
-        .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))?;
+        if let Some(n) = o.target_params {
+            (c.budget.sparsity, c.budget.target_params) = (None, Some(n));
+        }
+        if let Some(g) = o.granularity {
+            c.budget.granularity = g;
+        }
+    })
+    .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))?;
     if let Some(n) = o.max_steps {
         anyhow::ensure!(n > 0, "--max-steps must be positive");
         config.cut_to(n);

@@ -188,7 +188,18 @@ impl TrainConfig {
     /// Parses TOML text, applies `key=value` overrides (`section.key`, values in TOML syntax;
     /// bare words are strings) and checks every value.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self, String> {
-        let config: TrainConfig = parse_with_overrides(text, overrides)?;
+        Self::parse_with(text, overrides, |_| {})
+    }
+
+    /// [`TrainConfig::parse`] with `edit` applied to the typed configuration before the
+    /// checks (how command-line flags set fields).
+    pub fn parse_with(
+        text: &str,
+        overrides: &[String],
+        edit: impl FnOnce(&mut Self),
+    ) -> Result<Self, String> {
+        let mut config: TrainConfig = parse_with_overrides(text, overrides)?;
+        edit(&mut config);
         config.check()?;
         Ok(config)
     }

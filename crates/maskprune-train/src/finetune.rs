@@ -107,7 +107,18 @@ impl Default for FinetuneSettings {
 impl FinetuneConfig {
     /// Parses TOML text with `section.key=value` overrides and checks every value.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self, String> {
-        let config: Self = parse_with_overrides(text, overrides)?;
+        Self::parse_with(text, overrides, |_| {})
+    }
+
+    /// [`FinetuneConfig::parse`] with `edit` applied to the typed configuration before the
+    /// checks (how command-line flags set fields).
+    pub fn parse_with(
+        text: &str,
+        overrides: &[String],
+        edit: impl FnOnce(&mut Self),
+    ) -> Result<Self, String> {
+        let mut config: Self = parse_with_overrides(text, overrides)?;
+        edit(&mut config);
         config.check()?;
         Ok(config)
     }
