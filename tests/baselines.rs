@@ -10,6 +10,7 @@ use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::next_token_loss;
 use maskprune_model::kernels::composed::silu;
 use maskprune_model::rope::{inverse_frequencies, Rotary};
+use maskprune_model::Extras;
 use maskprune_model::{KvCache, Llama, ModelConfig, WeightStore};
 use maskprune_surgery::{mask_checkpoint_with_lora, Granularity, LayerPlan, PrunePlan};
 use maskprune_tests::*;
@@ -93,7 +94,10 @@ fn a_masked_checkpoint_equals_the_masked_model_and_counts_kept_units() {
     let device = original.device();
     let with_masks = values(
         original
-            .forward_masked(tokens::<B>(&device), Some(&plan.masks(&config, &device)))
+            .forward_with(
+                tokens::<B>(&device),
+                Extras::masks(&plan.masks(&config, &device)),
+            )
             .unwrap(),
     );
     let zeroed = values(masked_dir.forward(tokens::<B>(&device)).unwrap());
@@ -119,7 +123,7 @@ fn down_inputs_by_hand(model: &Llama<B>, l: usize) -> Vec<Vec<f32>> {
         .select(0, toks.reshape([b * t]))
         .reshape([b, t, c.hidden_size]);
     for layer in &model.layers[..l] {
-        x = layer.forward(x, &rotary, None, None);
+        x = layer.forward(x, &rotary, Default::default(), None);
     }
     let layer = &model.layers[l];
     let x = x.clone()

@@ -8,6 +8,7 @@
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
 use maskprune_eval::perplexity::token_tensor;
+use maskprune_model::Extras;
 use maskprune_model::{Kernels, KvCache, LayerMask, Llama};
 use maskprune_tests::*;
 
@@ -28,7 +29,10 @@ fn forward<Bk: Kernels>(
 ) -> Tensor<Bk, 3> {
     let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
     model
-        .forward_masked(token_tensor(&rows, &model.device()), masks)
+        .forward_with(
+            token_tensor(&rows, &model.device()),
+            Extras { masks, lora: None },
+        )
         .unwrap()
 }
 

@@ -5,6 +5,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Tensor, TensorData};
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::{distillation_kl, Granularity, UnitMasks};
+use maskprune_model::Extras;
 use maskprune_model::{LayerMask, Llama};
 use maskprune_tests::*;
 use maskprune_train::{config::LoraSettings, Adapters};
@@ -48,7 +49,13 @@ fn masks_and_lora_get_gradients_and_frozen_weights_do_not() {
         Tensor::require_grad,
     );
     let student = model
-        .forward_with(tokens, Some(&masks.layer_masks()), Some(&lora))
+        .forward_with(
+            tokens,
+            Extras {
+                masks: Some(&masks.layer_masks()),
+                lora: Some(&lora),
+            },
+        )
         .unwrap();
     let loss = distillation_kl(student, teacher, 2.0);
     let grads = loss.backward();
@@ -93,7 +100,9 @@ fn mask_gradient_matches_finite_differences() {
             },
             LayerMask::default(),
         ];
-        let student = model.forward_masked(tokens.clone(), Some(&masks)).unwrap();
+        let student = model
+            .forward_with(tokens.clone(), Extras::masks(&masks))
+            .unwrap();
         (distillation_kl(student, teacher.clone(), 1.0), t)
     };
     let (loss, t) = loss_at(head_values.clone(), true);
@@ -132,7 +141,7 @@ fn step_gradients<Bk: maskprune_model::TrainKernels>(temperature: f64) -> (f64, 
     let tokens = token_tensor::<Bk>(&rows, &device);
     let teacher = model
         .inner()
-        .hidden_states(token_tensor(&rows, &device), None, None)
+        .hidden_states(token_tensor(&rows, &device), Extras::none())
         .unwrap();
     let [b, t, h] = teacher.dims();
     let teacher = Tensor::from_inner(teacher.reshape([b * t, h]));
@@ -172,7 +181,13 @@ fn step_gradients<Bk: maskprune_model::TrainKernels>(temperature: f64) -> (f64, 
         Tensor::require_grad,
     );
     let hidden = model
-        .hidden_states(tokens, Some(&masks.layer_masks()), Some(&lora))
+        .hidden_states(
+            tokens,
+            Extras {
+                masks: Some(&masks.layer_masks()),
+                lora: Some(&lora),
+            },
+        )
         .unwrap();
     let targets = next_token_targets(&rows);
     let loss = model.head_loss(

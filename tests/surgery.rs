@@ -1,6 +1,7 @@
 //! Weight surgery: the pruned checkpoint computes exactly what the masked original computes.
 
 use maskprune_eval::perplexity::token_tensor;
+use maskprune_model::Extras;
 use maskprune_model::{Llama, ModelConfig, WeightStore};
 use maskprune_surgery::{magnitude_plan, prune_checkpoint, uniform_widths, Granularity, PrunePlan};
 use maskprune_tests::*;
@@ -14,7 +15,10 @@ fn logits(model: &Llama<B>, masks: Option<&[maskprune_model::LayerMask<B>]>) -> 
     let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
     values(
         model
-            .forward_masked(token_tensor(&rows, &model.device()), masks)
+            .forward_with(
+                token_tensor(&rows, &model.device()),
+                Extras { masks, lora: None },
+            )
             .unwrap(),
     )
 }

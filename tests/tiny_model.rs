@@ -2,6 +2,7 @@
 
 use burn::tensor::{Tensor, TensorData};
 use maskprune_eval::perplexity::token_tensor;
+use maskprune_model::Extras;
 use maskprune_model::{load_tokenizer, LayerMask, Llama};
 use maskprune_tests::*;
 
@@ -13,7 +14,10 @@ fn logits(model: &Llama<B>, rows: &[Vec<u32>], masks: Option<&[LayerMask<B>]>) -
     let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
     values(
         model
-            .forward_masked(token_tensor(&rows, &model.device()), masks)
+            .forward_with(
+                token_tensor(&rows, &model.device()),
+                Extras { masks, lora: None },
+            )
             .unwrap(),
     )
 }
@@ -135,7 +139,9 @@ fn the_wrong_number_of_layer_masks_is_an_error() {
     let model = model();
     let masks = vec![LayerMask::<B>::default()];
     let tokens = token_tensor::<B>(&[&[1, 2, 3]], &Default::default());
-    let err = model.forward_masked(tokens, Some(&masks)).unwrap_err();
+    let err = model
+        .forward_with(tokens, Extras::masks(&masks))
+        .unwrap_err();
     assert!(
         err.message
             .contains("1 layer masks given for a model of 2 layers"),

@@ -4,6 +4,7 @@
 use burn::backend::Autodiff;
 use maskprune_data::{CalibrationSet, SplitMix64};
 use maskprune_eval::perplexity::token_tensor;
+use maskprune_model::Extras;
 use maskprune_model::{Llama, ModelConfig};
 use maskprune_surgery::{
     decoder_linear_params, prune_checkpoint_with_lora, Granularity, PrunePlan,
@@ -132,11 +133,17 @@ fn check_model(
     let masks = plan.masks::<B>(&c, &device);
     let rows: Vec<&[u32]> = calib.samples[..3].iter().map(Vec::as_slice).collect();
     let expected = values(
-        base.forward_with(token_tensor(&rows, &device), Some(&masks), Some(&lora))
-            .unwrap(),
+        base.forward_with(
+            token_tensor(&rows, &device),
+            Extras {
+                masks: Some(&masks),
+                lora: Some(&lora),
+            },
+        )
+        .unwrap(),
     );
     let without_lora = values(
-        base.forward_with(token_tensor(&rows, &device), Some(&masks), None)
+        base.forward_with(token_tensor(&rows, &device), Extras::masks(&masks))
             .unwrap(),
     );
     let pruned = Llama::<B>::load(&out, &device).unwrap();

@@ -19,6 +19,7 @@ use burn::tensor::{Int, Tensor};
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::next_token_targets;
 use maskprune_model::llama::{transpose, Linear};
+use maskprune_model::Extras;
 use maskprune_model::{HeadTerms, Kernels};
 use maskprune_model::{Llama, ModelConfig, Projection, Result, Site, WeightStore};
 use maskprune_surgery::rank::{unit_sums, LayerImportance};
@@ -247,7 +248,7 @@ pub fn taylor_scores<B: AutodiffBackend + Kernels>(
     let device = model.device();
     let mut grad_sums: Vec<Vec<f32>> = Vec::new();
     for rows in windows.chunks(batch.max(1)) {
-        let hidden = model.hidden_states(tokens::<B>(rows, &device), None, None)?;
+        let hidden = model.hidden_states(tokens::<B>(rows, &device), Extras::none())?;
         let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let targets = next_token_targets(&rows);
         let terms = HeadTerms {

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use maskprune_model::Extras;
 use maskprune_model::{Kernels, LayerMask, Llama, Result};
 use serde::Serialize;
 
@@ -46,7 +47,7 @@ pub fn next_token_logprobs<B: Kernels>(
 ) -> Result<Vec<f32>> {
     let device = model.device();
     let [b, t] = [rows.len(), rows[0].len()];
-    let hidden = model.hidden_states(token_tensor(rows, &device), masks, None)?;
+    let hidden = model.hidden_states(token_tensor(rows, &device), Extras { masks, lora: None })?;
     let hidden = hidden
         .narrow(1, 0, t - 1)
         .reshape([b * (t - 1), model.config.hidden_size]);

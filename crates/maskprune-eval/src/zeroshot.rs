@@ -10,6 +10,7 @@
 use std::path::Path;
 
 use burn::tensor::{Int, Tensor, TensorData};
+use maskprune_model::Extras;
 use maskprune_model::{Kernels, LayerMask, Llama, Result};
 use serde::{Deserialize, Serialize};
 
@@ -127,7 +128,7 @@ pub fn score_requests<B: Kernels>(
         }
         let tokens =
             Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [chunk.len(), width]), &device);
-        let hidden = model.hidden_states(tokens, masks, None)?;
+        let hidden = model.hidden_states(tokens, Extras { masks, lora: None })?;
         let h = model.config.hidden_size;
         // Only the continuation positions go through the LM head.
         let mut positions = Vec::new();

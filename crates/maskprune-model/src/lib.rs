@@ -19,7 +19,7 @@ pub use config::{ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use family::{Activation, Biases, Family, Projection};
 pub use kernels::{HeadLoss, HeadTerms, Kernels, TrainKernels};
-pub use llama::{KvCache, LayerMask, Llama, Site};
+pub use llama::{Extras, KvCache, LayerExtras, LayerMask, Llama, Site};
 pub use lora::{Adapters, LayerLora, Lora, LoraSettings};
 pub use tokenizer::load_tokenizer;
 pub use weights::{weights_sha256, WeightStore};

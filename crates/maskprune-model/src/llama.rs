@@ -109,6 +109,67 @@ impl<B: Backend> Default for LayerMask<B> {
     }
 }
 
+/// What a forward pass adds to the dense model, one entry per layer each: masks multiplied
+/// into the heads' and channels' outputs, and LoRA adapters on the projections.
+#[derive(Debug)]
+pub struct Extras<'a, B: Backend> {
+    /// Per-layer masks.
+    pub masks: Option<&'a [LayerMask<B>]>,
+    /// Per-layer LoRA adapters.
+    pub lora: Option<&'a [LayerLora<B>]>,
+}
+
+impl<B: Backend> Clone for Extras<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Extras<'_, B> {}
+
+impl<'a, B: Backend> Extras<'a, B> {
+    /// The dense model.
+    pub fn none() -> Self {
+        Self {
+            masks: None,
+            lora: None,
+        }
+    }
+
+    /// Masks only.
+    pub fn masks(masks: &'a [LayerMask<B>]) -> Self {
+        Self {
+            masks: Some(masks),
+            lora: None,
+        }
+    }
+
+    /// Layer `i`'s share.
+    fn layer(self, i: usize) -> LayerExtras<'a, B> {
+        LayerExtras {
+            mask: self.masks.map(|m| &m[i]),
+            lora: self.lora.map(|l| &l[i]),
+        }
+    }
+}
+
+/// One layer's share of [`Extras`].
+#[derive(Debug)]
+pub struct LayerExtras<'a, B: Backend> {
+    /// The layer's mask.
+    pub mask: Option<&'a LayerMask<B>>,
+    /// The layer's LoRA adapters.
+    pub lora: Option<&'a LayerLora<B>>,
+}
+
+impl<B: Backend> Default for LayerExtras<'_, B> {
+    fn default() -> Self {
+        Self {
+            mask: None,
+            lora: None,
+        }
+    }
+}
+
 /// Self-attention with grouped-query heads.
 #[derive(Debug, Clone)]
 pub struct Attention<B: Backend> {
@@ -145,24 +206,12 @@ impl<B: Kernels> Attention<B> {
         rotary: &Rotary<B>,
         head_mask: Option<&Tensor<B, 1>>,
     ) -> Tensor<B, 3> {
-        self.forward_lora(x, rotary, head_mask, None, None)
-    }
-
-    /// [`Attention::forward`] with optional LoRA adapters on the projections.
-    pub fn forward_lora(
-        &self,
-        x: Tensor<B, 3>,
-        rotary: &Rotary<B>,
-        head_mask: Option<&Tensor<B, 1>>,
-        lora: Option<&LayerLora<B>>,
-        observe: Option<&mut Observer<'_, B>>,
-    ) -> Tensor<B, 3> {
-        let out = self.heads(x, rotary, head_mask, lora, observe);
         self.o_proj
-            .forward_lora(out, lora.and_then(|l| l.o_proj.as_ref()))
+            .forward(self.heads(x, rotary, head_mask, None, None))
     }
 
-    /// [`Attention::forward_lora`] before `o_proj`: the heads' outputs, `[b, t, heads * d]`.
+    /// Attention before `o_proj` (with the layer's LoRA adapters, if any): the heads'
+    /// outputs, `[b, t, heads * d]`.
     fn heads(
         &self,
         x: Tensor<B, 3>,
@@ -320,23 +369,12 @@ pub struct Mlp<B: Backend> {
 impl<B: Kernels> Mlp<B> {
     /// Applies the MLP; `channel_mask` scales each intermediate channel.
     pub fn forward(&self, x: Tensor<B, 3>, channel_mask: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
-        self.forward_lora(x, channel_mask, None, None)
-    }
-
-    /// [`Mlp::forward`] with optional LoRA adapters on the projections.
-    pub fn forward_lora(
-        &self,
-        x: Tensor<B, 3>,
-        channel_mask: Option<&Tensor<B, 1>>,
-        lora: Option<&LayerLora<B>>,
-        observe: Option<&mut Observer<'_, B>>,
-    ) -> Tensor<B, 3> {
-        let act = self.activations(x, channel_mask, lora, observe);
         self.down_proj
-            .forward_lora(act, lora.and_then(|l| l.down_proj.as_ref()))
+            .forward(self.activations(x, channel_mask, None, None))
     }
 
-    /// [`Mlp::forward_lora`] before `down_proj`: `act(gate) * up`, masked.
+    /// The MLP before `down_proj` (with the layer's LoRA adapters, if any): `act(gate) * up`,
+    /// masked.
     fn activations(
         &self,
         x: Tensor<B, 3>,
@@ -413,17 +451,6 @@ fn branch_add<B: Kernels>(
 }
 
 impl<B: Kernels> DecoderLayer<B> {
-    /// Applies the block with an optional mask and optional LoRA adapters.
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rotary: &Rotary<B>,
-        mask: Option<&LayerMask<B>>,
-        lora: Option<&LayerLora<B>>,
-    ) -> Tensor<B, 3> {
-        self.forward_observed(x, rotary, mask, lora, None)
-    }
-
     /// The block over `t` new positions after those in `cache` (dense, no adapters); the
     /// cache grows by `t`.
     pub fn forward_cached(
@@ -448,16 +475,17 @@ impl<B: Kernels> DecoderLayer<B> {
         branch_add(&self.mlp.down_proj, &self.mlp_output_norm, act, x, None)
     }
 
-    /// [`DecoderLayer::forward`] that also shows `observe` the inputs of `o_proj` and
-    /// `down_proj` (for activation-based importance scores).
-    pub fn forward_observed(
+    /// Applies the block with the layer's mask and LoRA adapters, if any, showing `observe`
+    /// the inputs of `o_proj` and `down_proj` (for activation-based importance scores and
+    /// layer-wise distillation).
+    pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rotary: &Rotary<B>,
-        mask: Option<&LayerMask<B>>,
-        lora: Option<&LayerLora<B>>,
+        extras: LayerExtras<'_, B>,
         mut observe: Option<&mut Observer<'_, B>>,
     ) -> Tensor<B, 3> {
+        let LayerExtras { mask, lora } = extras;
         let heads = mask.and_then(|m| m.heads.as_ref());
         let channels = mask.and_then(|m| m.channels.as_ref());
         let out = self.self_attn.heads(
@@ -615,26 +643,16 @@ impl<B: Backend> Llama<B> {
 impl<B: Kernels> Llama<B> {
     /// Logits `[batch, len, vocab]` of the dense model.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
-        self.forward_masked(tokens, None)
+        self.forward_with(tokens, Extras::none())
     }
 
-    /// Logits `[batch, len, vocab]` with optional per-layer masks (one entry per layer).
-    pub fn forward_masked(
-        &self,
-        tokens: Tensor<B, 2, Int>,
-        masks: Option<&[LayerMask<B>]>,
-    ) -> Result<Tensor<B, 3>> {
-        self.forward_with(tokens, masks, None)
-    }
-
-    /// Logits with optional per-layer masks and LoRA adapters (one entry per layer each).
+    /// Logits `[batch, len, vocab]` with the masks and LoRA adapters of `extras`.
     pub fn forward_with(
         &self,
         tokens: Tensor<B, 2, Int>,
-        masks: Option<&[LayerMask<B>]>,
-        lora: Option<&[LayerLora<B>]>,
+        extras: Extras<'_, B>,
     ) -> Result<Tensor<B, 3>> {
-        let hidden = self.hidden_states(tokens, masks, lora)?;
+        let hidden = self.hidden_states(tokens, extras)?;
         Ok(self.logits(hidden))
     }
 
@@ -642,23 +660,21 @@ impl<B: Kernels> Llama<B> {
     pub fn hidden_states(
         &self,
         tokens: Tensor<B, 2, Int>,
-        masks: Option<&[LayerMask<B>]>,
-        lora: Option<&[LayerLora<B>]>,
+        extras: Extras<'_, B>,
     ) -> Result<Tensor<B, 3>> {
-        B::run(|| self.run_layers(tokens, masks, lora, None))
+        B::run(|| self.run_layers(tokens, extras, None))
     }
 
     fn run_layers(
         &self,
         tokens: Tensor<B, 2, Int>,
-        masks: Option<&[LayerMask<B>]>,
-        lora: Option<&[LayerLora<B>]>,
+        extras: Extras<'_, B>,
         mut observe: Option<&mut ModelObserver<'_, B>>,
     ) -> Result<Tensor<B, 3>> {
         let t = tokens.dims()[1];
         for (what, n) in [
-            ("masks", masks.map(<[_]>::len)),
-            ("LoRA adapters", lora.map(<[_]>::len)),
+            ("masks", extras.masks.map(<[_]>::len)),
+            ("LoRA adapters", extras.lora.map(<[_]>::len)),
         ] {
             if let Some(n) = n.filter(|&n| n != self.layers.len()) {
                 return Err(ModelError::new(
@@ -678,11 +694,10 @@ impl<B: Kernels> Llama<B> {
                     f(i, site, t)
                 }
             };
-            x = layer.forward_observed(
+            x = layer.forward(
                 x,
                 self.rotary_of(&rotaries, i),
-                masks.map(|m| &m[i]),
-                lora.map(|l| &l[i]),
+                extras.layer(i),
                 Some(&mut observe_layer),
             );
             observe_layer(Site::LayerOutput, &x);
@@ -696,11 +711,10 @@ impl<B: Kernels> Llama<B> {
     pub fn hidden_states_observed(
         &self,
         tokens: Tensor<B, 2, Int>,
-        masks: Option<&[LayerMask<B>]>,
-        lora: Option<&[LayerLora<B>]>,
+        extras: Extras<'_, B>,
         observe: &mut ModelObserver<'_, B>,
     ) -> Result<Tensor<B, 3>> {
-        self.run_layers(tokens, masks, lora, Some(observe))
+        self.run_layers(tokens, extras, Some(observe))
     }
 
     /// Runs the dense model over `tokens` and shows `observe(layer, site, input)` the inputs
@@ -711,7 +725,7 @@ impl<B: Kernels> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         observe: &mut ModelObserver<'_, B>,
     ) -> Result<()> {
-        self.run_layers(tokens, None, None, Some(observe))
+        self.run_layers(tokens, Extras::none(), Some(observe))
             .map(|_| ())
     }
 

@@ -14,6 +14,7 @@ use maskprune_data::CalibrationSet;
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::next_token_targets;
 use maskprune_model::output::write_file_atomically;
+use maskprune_model::Extras;
 use maskprune_model::{weights_sha256, HeadTerms, LayerLora, Llama, TrainKernels, WeightStore};
 use serde::{Deserialize, Serialize};
 
@@ -384,7 +385,7 @@ fn losses<B: TrainKernels>(
     let teacher = match teacher {
         Some(teacher) => {
             let hidden = teacher
-                .hidden_states(token_tensor(rows, &teacher.device()), None, None)
+                .hidden_states(token_tensor(rows, &teacher.device()), Extras::none())
                 .map_err(|e| e.to_string())?;
             let [b, len, h] = hidden.dims();
             let hidden = Tensor::from_inner(hidden.reshape([b * len, h]));
@@ -393,7 +394,10 @@ fn losses<B: TrainKernels>(
         None => None,
     };
     let hidden = student
-        .hidden_states(token_tensor(rows, &student.device()), None, lora)
+        .hidden_states(
+            token_tensor(rows, &student.device()),
+            Extras { masks: None, lora },
+        )
         .map_err(|e| e.to_string())?;
     let targets = next_token_targets(rows);
     Ok(student.head_loss(

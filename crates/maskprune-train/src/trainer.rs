@@ -13,6 +13,7 @@ use maskprune_data::CalibrationSet;
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::{next_token_targets, UnitMasks};
 use maskprune_model::output::write_file_atomically;
+use maskprune_model::Extras;
 use maskprune_model::{
     weights_sha256, HeadTerms, LayerMask, Llama, Site, TrainKernels, WeightStore,
 };
@@ -244,7 +245,7 @@ impl<B: TrainKernels> Context<'_, B> {
                 .collect();
             let hidden = self
                 .teacher
-                .hidden_states(token_tensor(&rows, &self.teacher.device()), None, None)
+                .hidden_states(token_tensor(&rows, &self.teacher.device()), Extras::none())
                 .map_err(|e| e.to_string())?;
             let hidden = Tensor::<B, 3>::from_inner(hidden);
             let [_, len, width] = hidden.dims();
@@ -292,7 +293,13 @@ impl<B: TrainKernels> Context<'_, B> {
             (student, Some(term))
         } else {
             let student = model
-                .hidden_states(tokens, Some(&layer_masks), Some(&lora))
+                .hidden_states(
+                    tokens,
+                    Extras {
+                        masks: Some(&layer_masks),
+                        lora: Some(&lora),
+                    },
+                )
                 .map_err(|e| e.to_string())?;
             (student, None)
         };
@@ -366,8 +373,7 @@ impl<B: TrainKernels> Context<'_, B> {
         self.teacher
             .hidden_states_observed(
                 token_tensor(rows, &self.teacher.device()),
-                None,
-                None,
+                Extras::none(),
                 &mut layer_outputs(&mut teacher),
             )
             .map_err(|e| e.to_string())?;
@@ -376,8 +382,10 @@ impl<B: TrainKernels> Context<'_, B> {
             .model
             .hidden_states_observed(
                 token_tensor(rows, &self.model.device()),
-                Some(masks),
-                Some(lora),
+                Extras {
+                    masks: Some(masks),
+                    lora: Some(lora),
+                },
                 &mut layer_outputs(&mut student),
             )
             .map_err(|e| e.to_string())?;
@@ -499,11 +507,17 @@ impl<B: TrainKernels> Context<'_, B> {
             for chunk in eval_rows.chunks(cfg.train.batch) {
                 let teacher = self
                     .teacher
-                    .hidden_states(token_tensor(chunk, &self.teacher.device()), None, None)
+                    .hidden_states(token_tensor(chunk, &self.teacher.device()), Extras::none())
                     .map_err(|e| e.to_string())?;
                 let [b, t, h] = teacher.dims();
                 let student = model
-                    .hidden_states(token_tensor(chunk, &device), masks, Some(&lora))
+                    .hidden_states(
+                        token_tensor(chunk, &device),
+                        Extras {
+                            masks,
+                            lora: Some(&lora),
+                        },
+                    )
                     .map_err(|e| e.to_string())?;
                 let teacher = Tensor::from_inner(teacher.reshape([b * t, h]));
                 let terms = HeadTerms {
@@ -639,7 +653,7 @@ impl<B: TrainKernels> Context<'_, B> {
             let ones = UnitMasks::<B>::ones(c, cfg.budget.granularity, &device).require_grad();
             let targets = next_token_targets(&rows);
             let grads = B::run(|| {
-                let hidden = model.hidden_states(tokens, Some(&ones.layer_masks()), None)?;
+                let hidden = model.hidden_states(tokens, Extras::masks(&ones.layer_masks()))?;
                 let terms = HeadTerms {
                     teacher: None,
                     targets: Some((&targets[..], 1.0)),
