@@ -10,7 +10,7 @@ use maskprune_surgery::{
     decoder_linear_params, prune_checkpoint_with_lora, Granularity, PrunePlan,
 };
 use maskprune_tests::*;
-use maskprune_train::{files, train, Adapters, RunSpec, TrainConfig};
+use maskprune_train::{files, train, Adapters, ConfigFile, RunSpec, TrainConfig};
 
 type AD = Autodiff<B>;
 

@@ -266,7 +266,7 @@ impl AutodiffJob for TrainStepJob {
         for (batch, len) in shapes {
             let steps = updates + repeats;
             let eval = 2;
-            let config = maskprune_train::TrainConfig::parse(
+            let config = <maskprune_train::TrainConfig as maskprune_train::ConfigFile>::parse(
                 &format!(
                     "[budget]\nsparsity = 0.3\n[train]\nsteps = {steps}\nbatch = {batch}\n\
                      warmup_steps = {steps}\nmask_init = \"magnitude\"\n\

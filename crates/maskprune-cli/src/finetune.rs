@@ -9,7 +9,7 @@ use anyhow::Context;
 use maskprune_data::CalibrationSet;
 use maskprune_model::output::write_file_atomically;
 use maskprune_model::{Llama, TrainKernels};
-use maskprune_train::{files, finetune, FinetuneConfig, FinetuneSpec, FinetuneSummary};
+use maskprune_train::{files, finetune, ConfigFile, FinetuneConfig, FinetuneSpec, FinetuneSummary};
 use serde_json::json;
 
 use crate::backend::{dispatch_autodiff, AutodiffJob};

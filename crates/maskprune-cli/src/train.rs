@@ -10,7 +10,7 @@ use maskprune_model::output::write_file_atomically;
 use maskprune_model::Llama;
 use maskprune_surgery::rank::plan_from_scores;
 use maskprune_surgery::{uniform_widths, Granularity, PrunePlan};
-use maskprune_train::{files, train, RunSpec, TrainConfig, TrainSummary};
+use maskprune_train::{files, train, ConfigFile, RunSpec, TrainConfig, TrainSummary};
 
 use crate::backend::{dispatch_autodiff, AutodiffJob, DeviceArg};
 use crate::prune_stages::{

@@ -10,7 +10,7 @@ use maskprune_data::{draw_calibration, load_dataset, text::sha256_hex, windows, 
 use maskprune_eval::perplexity::perplexity;
 use maskprune_model::{load_tokenizer, Llama, ModelConfig};
 use maskprune_surgery::{prune_checkpoint_with_lora, PrunePlan};
-use maskprune_train::{files, train, RunSpec, TrainConfig};
+use maskprune_train::{files, train, ConfigFile, RunSpec, TrainConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();

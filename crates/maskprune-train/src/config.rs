@@ -184,26 +184,32 @@ pub(crate) fn parse_with_overrides<T: serde::de::DeserializeOwned>(
         .map_err(|e: toml::de::Error| e.message().to_string())
 }
 
-impl TrainConfig {
-    /// Parses TOML text, applies `key=value` overrides (`section.key`, values in TOML syntax;
-    /// bare words are strings) and checks every value.
-    pub fn parse(text: &str, overrides: &[String]) -> Result<Self, String> {
+/// A configuration file: TOML text with `section.key=value` overrides (values in TOML
+/// syntax; bare words are strings), parsed into its typed form and checked.
+pub trait ConfigFile: serde::de::DeserializeOwned {
+    /// Range and consistency checks, one message per problem.
+    fn check(&self) -> Result<(), String>;
+
+    /// Parses `text`, applies `overrides` and checks every value.
+    fn parse(text: &str, overrides: &[String]) -> Result<Self, String> {
         Self::parse_with(text, overrides, |_| {})
     }
 
-    /// [`TrainConfig::parse`] with `edit` applied to the typed configuration before the
+    /// [`ConfigFile::parse`] with `edit` applied to the typed configuration before the
     /// checks (how command-line flags set fields).
-    pub fn parse_with(
+    fn parse_with(
         text: &str,
         overrides: &[String],
         edit: impl FnOnce(&mut Self),
     ) -> Result<Self, String> {
-        let mut config: TrainConfig = parse_with_overrides(text, overrides)?;
+        let mut config: Self = parse_with_overrides(text, overrides)?;
         edit(&mut config);
         config.check()?;
         Ok(config)
     }
+}
 
+impl TrainConfig {
     /// Reads and parses a configuration file.
     pub fn from_file(path: &std::path::Path, overrides: &[String]) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
@@ -219,9 +225,10 @@ impl TrainConfig {
             self.train.steps = max_steps;
         }
     }
+}
 
-    /// Range and consistency checks, one message per problem.
-    pub fn check(&self) -> Result<(), String> {
+impl ConfigFile for TrainConfig {
+    fn check(&self) -> Result<(), String> {
         let b = &self.budget;
         match (b.sparsity, b.target_params) {
             (Some(_), Some(_)) => {

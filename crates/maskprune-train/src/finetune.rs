@@ -18,7 +18,7 @@ use maskprune_model::Extras;
 use maskprune_model::{weights_sha256, HeadTerms, LayerLora, Llama, TrainKernels, WeightStore};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{lora_targets, parse_with_overrides, CalibrationConfig, LoraSettings};
+use crate::config::{lora_targets, CalibrationConfig, ConfigFile, LoraSettings};
 use crate::run::{
     batch_rows, err, open_log, read_checkpoint, split_calibration, truncate_log, write_checkpoint,
     Checkpoint, Provenance,
@@ -105,27 +105,8 @@ impl Default for FinetuneSettings {
     }
 }
 
-impl FinetuneConfig {
-    /// Parses TOML text with `section.key=value` overrides and checks every value.
-    pub fn parse(text: &str, overrides: &[String]) -> Result<Self, String> {
-        Self::parse_with(text, overrides, |_| {})
-    }
-
-    /// [`FinetuneConfig::parse`] with `edit` applied to the typed configuration before the
-    /// checks (how command-line flags set fields).
-    pub fn parse_with(
-        text: &str,
-        overrides: &[String],
-        edit: impl FnOnce(&mut Self),
-    ) -> Result<Self, String> {
-        let mut config: Self = parse_with_overrides(text, overrides)?;
-        edit(&mut config);
-        config.check()?;
-        Ok(config)
-    }
-
-    /// Range and consistency checks, one message per problem.
-    pub fn check(&self) -> Result<(), String> {
+impl ConfigFile for FinetuneConfig {
+    fn check(&self) -> Result<(), String> {
         let t = &self.train;
         for (name, v) in [
             ("train.steps", t.steps as f64),

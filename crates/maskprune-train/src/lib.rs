@@ -16,7 +16,7 @@ pub mod minimax;
 mod run;
 pub mod trainer;
 
-pub use config::TrainConfig;
+pub use config::{ConfigFile, TrainConfig};
 pub use extract::{Budget, LayerCounts};
 pub use finetune::{finetune, FinetuneConfig, FinetuneRecord, FinetuneSpec, FinetuneSummary};
 pub use maskprune_model::lora::Adapters;
