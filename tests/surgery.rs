@@ -1,10 +1,24 @@
 //! Weight surgery: the pruned checkpoint computes exactly what the masked original computes.
 
+use maskprune_baselines::magnitude_scores;
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_model::Extras;
 use maskprune_model::{Llama, ModelConfig, WeightStore};
-use maskprune_surgery::{magnitude_plan, prune_checkpoint, uniform_widths, Granularity, PrunePlan};
+use maskprune_surgery::{
+    plan_from_scores, prune_checkpoint, uniform_widths, Granularity, PrunePlan, Widths,
+};
 use maskprune_tests::*;
+
+/// The magnitude baseline's plan at `widths`.
+fn magnitude_plan(
+    store: &WeightStore,
+    config: &ModelConfig,
+    granularity: Granularity,
+    widths: Widths,
+) -> PrunePlan {
+    let scores = magnitude_scores(store, config).unwrap();
+    plan_from_scores(&scores, config, granularity, widths, "magnitude")
+}
 
 fn rows() -> Vec<Vec<u32>> {
     reference_rows()
@@ -32,7 +46,7 @@ fn check_model(name: &str, granularity: Granularity, sparsity: f64, expect: (usi
     let config = ModelConfig::from_file(&src.join("config.json")).unwrap();
     let store = WeightStore::open(&src).unwrap();
     let widths = uniform_widths(&config, granularity, sparsity, 16).unwrap();
-    let plan = magnitude_plan(&store, &config, granularity, widths).unwrap();
+    let plan = magnitude_plan(&store, &config, granularity, widths);
     let out = scratch(&format!("surgery-{name}-{granularity:?}")).join("pruned");
     let report = prune_checkpoint(&src, &plan, &out, false).unwrap();
     assert_eq!(
@@ -126,7 +140,7 @@ fn a_tensor_the_family_does_not_know_is_an_error_not_kept() {
     let config = ModelConfig::from_file(&model.join("config.json")).unwrap();
     let store = WeightStore::open(&model).unwrap();
     let widths = uniform_widths(&config, Granularity::KvGroup, 0.5, 16).unwrap();
-    let plan = magnitude_plan(&store, &config, Granularity::KvGroup, widths).unwrap();
+    let plan = magnitude_plan(&store, &config, Granularity::KvGroup, widths);
     let err = prune_checkpoint(&model, &plan, &dir.join("out"), false).unwrap_err();
     assert!(
         err.message.contains(
@@ -151,7 +165,7 @@ fn invalid_plans_are_refused_with_the_reason() {
     let config = ModelConfig::from_file(&src.join("config.json")).unwrap();
     let store = WeightStore::open(&src).unwrap();
     let widths = uniform_widths(&config, Granularity::QueryHead, 0.5, 16).unwrap();
-    let good = magnitude_plan(&store, &config, Granularity::QueryHead, widths).unwrap();
+    let good = magnitude_plan(&store, &config, Granularity::QueryHead, widths);
     let out = scratch("bad-plan").join("x");
     let mut cases: Vec<(PrunePlan, &str)> = Vec::new();
     let mut p = good.clone();

@@ -22,8 +22,10 @@ use maskprune_model::llama::{transpose, Linear};
 use maskprune_model::Extras;
 use maskprune_model::{HeadTerms, Kernels};
 use maskprune_model::{Llama, ModelConfig, Projection, Result, Site, WeightStore};
-use maskprune_surgery::rank::{unit_sums, LayerImportance};
 use maskprune_surgery::LayerScores;
+
+mod importance;
+pub use importance::{magnitude_scores, unit_sums, LayerImportance};
 
 /// A one-shot ranking method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

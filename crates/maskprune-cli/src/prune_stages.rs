@@ -4,15 +4,14 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use maskprune_baselines::magnitude_scores;
 use maskprune_baselines::{activation_scores, random_scores, taylor_scores, Method};
 use maskprune_data::CalibrationSet;
 use maskprune_model::{
     output::write_file_atomically, Llama, ModelConfig, TrainKernels, WeightStore,
 };
 use maskprune_surgery::rank::plan_from_scores;
-use maskprune_surgery::{
-    apply_plan, magnitude_scores, uniform_widths, Granularity, LayerScores, PrunePlan, Widths,
-};
+use maskprune_surgery::{apply_plan, uniform_widths, Granularity, LayerScores, PrunePlan, Widths};
 
 use crate::backend::{dispatch_autodiff, AutodiffJob, DeviceArg};
 use crate::{calib, progress};

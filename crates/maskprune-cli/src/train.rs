@@ -54,6 +54,9 @@ pub struct TrainOptions {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceArg,
+    /// Free (non-uniform) masks: set by `prune --method maskprune-nonuniform`, not a flag.
+    #[arg(skip)]
+    nonuniform: bool,
     /// Data directory (default: $MASKPRUNE_DATA, ../shared/data, ~/.cache/maskprune/data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -136,6 +139,9 @@ fn resolve_config(o: &TrainOptions) -> anyhow::Result<TrainConfig> {
         }
         if let Some(g) = o.granularity {
             c.budget.granularity = g;
+        }
+        if o.nonuniform {
+            c.minimax.uniform = false;
         }
     })
     .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))?;
@@ -369,7 +375,7 @@ pub fn prune(a: PruneArgs) -> anyhow::Result<()> {
             let mut opts = a.opts.clone();
             let nonuniform = method == PruneMethod::MaskPruneNonuniform;
             if nonuniform && !opts.resume {
-                opts.set.push("minimax.uniform=false".into());
+                opts.nonuniform = true;
             }
             run_training(&opts, &run_dir)?;
             write_report(&run_dir);

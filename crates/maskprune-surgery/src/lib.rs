@@ -3,8 +3,8 @@
 //! A [`PrunePlan`] lists, per layer, the query heads, KV heads and MLP channels kept. A plan is
 //! *uniform* (every layer keeps the same counts, every kept KV group the same number of query
 //! heads), so the pruned model is a plain LLaMA-family config. [`prune_checkpoint`] slices the
-//! weights accordingly and writes a Hugging Face directory; [`magnitude_plan`] is the one-shot
-//! baseline that ranks units by the L2 norm of their weights.
+//! weights accordingly and writes a Hugging Face directory; [`rank::plan_from_scores`] builds a
+//! plan from unit scores (`maskprune-baselines` computes the one-shot ones).
 
 pub mod plan;
 pub mod rank;
@@ -12,7 +12,7 @@ pub mod surgery;
 pub mod widths;
 
 pub use plan::{Granularity, LayerPlan, PrunePlan, PrunedShape};
-pub use rank::{magnitude_plan, magnitude_scores, LayerScores};
+pub use rank::{plan_from_scores, LayerScores};
 pub use surgery::{
     apply_plan, mask_checkpoint_with_lora, merge_adapters, prune_checkpoint,
     prune_checkpoint_with_lora, SurgeryReport,

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use burn::tensor::{ElementConversion, Tensor};
+use maskprune_baselines::magnitude_scores;
 use maskprune_data::CalibrationSet;
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::{next_token_targets, UnitMasks};
@@ -17,7 +18,7 @@ use maskprune_model::Extras;
 use maskprune_model::{
     weights_sha256, HeadTerms, LayerMask, Llama, Site, TrainKernels, WeightStore,
 };
-use maskprune_surgery::{magnitude_scores, Granularity, PrunePlan, Widths};
+use maskprune_surgery::{Granularity, PrunePlan, Widths};
 use serde::{Deserialize, Serialize};
 
 use maskprune_baselines::{activation_scores, Method};
