@@ -117,11 +117,7 @@ fn down_inputs_by_hand(model: &Llama<B>, l: usize) -> Vec<Vec<f32>> {
     let toks = tokens::<B>(&device);
     let [b, t] = toks.dims();
     let rotary = Rotary::new(&inverse_frequencies(c), 0, t, &device);
-    let mut x = model
-        .embed_tokens
-        .clone()
-        .select(0, toks.reshape([b * t]))
-        .reshape([b, t, c.hidden_size]);
+    let mut x = model.embed(toks);
     for layer in &model.layers[..l] {
         x = layer.forward(x, &rotary, Default::default(), None);
     }
@@ -211,7 +207,8 @@ fn taylor_channel_scores_sum_weight_times_accumulated_gradient() {
         &mut mlp.up_proj.weight,
         &mut mlp.down_proj.weight,
     ] {
-        *w = w.clone().require_grad();
+        // As `taylor_scores` does: the f16 weights widened, then tracked.
+        *w = w.clone().cast(burn::tensor::FloatDType::F32).require_grad();
     }
     let host =
         |t: Tensor<Flex, 2>| -> Vec<f64> { t.into_data().convert::<f64>().to_vec().unwrap() };
@@ -260,7 +257,13 @@ fn taylor_channel_scores_sum_weight_times_accumulated_gradient() {
                 _ => &mut mlp.down_proj,
             };
             let dims = w.weight.dims();
-            let mut v: Vec<f32> = w.weight.clone().into_data().to_vec().unwrap();
+            let mut v: Vec<f32> = w
+                .weight
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap();
             v[i] += delta;
             w.weight = Tensor::from_data(burn::tensor::TensorData::new(v, dims), &device);
             loss_sum(&plain)

@@ -271,7 +271,8 @@ fn sharded_and_bf16_checkpoints_load() {
                     .chunks_exact(2)
                     .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                     .collect();
-                if shard.contains("00002") {
+                // (`model-00001-of-00002` contains "00002" too: match the start.)
+                if shard.starts_with("model-00002") {
                     let bf: Vec<u8> = f16
                         .iter()
                         .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
@@ -305,6 +306,30 @@ fn sharded_and_bf16_checkpoints_load() {
     // bf16 rounding of half the weights moves the logits a little, not a lot.
     let diff = max_abs_diff(&ours, &floats(&reference["logits"]));
     assert!(diff > 0.0 && diff < 0.1, "max |dlogit| = {diff}");
+    // On burn-flex the weights stay in the checkpoint's dtype (bf16 or f16, by shard), the
+    // LM head in f32; the generic path (burn-ndarray) widens them at load to the same values.
+    let dtypes: std::collections::BTreeSet<String> = model
+        .layers
+        .iter()
+        .flat_map(|l| [&l.self_attn.q_proj.weight, &l.mlp.down_proj.weight])
+        .map(|w| format!("{:?}", w.dtype()))
+        .collect();
+    assert_eq!(
+        dtypes.into_iter().collect::<Vec<_>>(),
+        ["BF16", "F16"],
+        "weights kept as stored"
+    );
+    assert_eq!(model.lm_head.dtype(), burn::tensor::DType::F32);
+    let generic = Llama::<burn::backend::NdArray>::load(&dir, &Default::default()).unwrap();
+    let rows = input_rows(&reference);
+    let row_refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let widened: Vec<f32> = generic
+        .forward(token_tensor(&row_refs, &generic.device()))
+        .unwrap()
+        .into_data()
+        .to_vec()
+        .unwrap();
+    assert!(max_abs_diff(&ours, &widened) < 1e-4);
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
     let err = Llama::<B>::load(&dir, &Default::default())
         .unwrap_err()

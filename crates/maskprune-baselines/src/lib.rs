@@ -15,7 +15,7 @@
 use std::str::FromStr;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{FloatDType, Int, Tensor};
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_mask::next_token_targets;
 use maskprune_model::llama::{transpose, Linear};
@@ -245,7 +245,8 @@ pub fn taylor_scores<B: AutodiffBackend + Kernels>(
     on_batch: &mut dyn FnMut(),
 ) -> Result<Vec<LayerScores>> {
     for lin in linears_mut(&mut model) {
-        lin.weight = lin.weight.clone().require_grad();
+        // Gradients flow through burn's f32 ops: weights kept in bf16 are widened first.
+        lin.weight = lin.weight.clone().cast(FloatDType::F32).require_grad();
     }
     let device = model.device();
     let mut grad_sums: Vec<Vec<f32>> = Vec::new();

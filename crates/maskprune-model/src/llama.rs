@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -535,7 +535,7 @@ pub struct Llama<B: Backend> {
     local_inv_freq: Option<Vec<f32>>,
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: Kernels> Llama<B> {
     /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
@@ -555,13 +555,27 @@ impl<B: Backend> Llama<B> {
             let data = store.read_f32(name, &[len])?;
             Ok(Tensor::from_data(TensorData::new(data, [len]), device))
         };
-        // PyTorch stores Linear weights as [out, in]; we keep [in, out].
+        // PyTorch stores Linear weights as [out, in]; we keep [in, out], in the checkpoint's
+        // dtype where the backend computes from it (see `Kernels::keeps_stored_dtype`).
+        let stored = B::keeps_stored_dtype();
+        let matrix = |name: &str, shape: [usize; 2]| -> Result<Tensor<B, 2>> {
+            let data = if stored {
+                store.read_stored(name, &shape, true)?
+            } else {
+                let [rows, cols] = shape;
+                TensorData::new(
+                    transpose(&store.read_f32(name, &shape)?, rows, cols),
+                    [cols, rows],
+                )
+            };
+            Ok(in_its_dtype(data, device))
+        };
         let linear = |layer: usize, p: Projection, bias: bool| -> Result<Linear<B>> {
-            let [d_out, d_in] = c.projection_shape(p);
-            let w = transpose(&store.read_projection(c, layer, p)?, d_out, d_in);
+            let [d_out, _] = c.projection_shape(p);
+            let weight_name = layer_tensor_name(layer, &format!("{}.weight", p.module()));
             let bias_name = layer_tensor_name(layer, &format!("{}.bias", p.module()));
             Ok(Linear {
-                weight: Tensor::from_data(TensorData::new(w, [d_in, d_out]), device),
+                weight: matrix(&weight_name, c.projection_shape(p))?,
                 bias: bias.then(|| vector(&bias_name, d_out)).transpose()?,
             })
         };
@@ -615,15 +629,28 @@ impl<B: Backend> Llama<B> {
                 mlp_output_norm: optional_norm(names.mlp_output)?,
             });
         }
-        let embed = store.read_f32(EMBEDDINGS, &[c.vocab_size, h])?;
-        let lm_head = if c.tie_word_embeddings {
-            transpose(&embed, c.vocab_size, h)
+        // The LM head stays f32: the head kernels stream it once per call.
+        let head_name = if c.tie_word_embeddings {
+            EMBEDDINGS
         } else {
-            let w = store.read_f32(LM_HEAD, &[c.vocab_size, h])?;
-            transpose(&w, c.vocab_size, h)
+            LM_HEAD
+        };
+        let lm_head = transpose(
+            &store.read_f32(head_name, &[c.vocab_size, h])?,
+            c.vocab_size,
+            h,
+        );
+        let embed_tokens = if stored {
+            in_its_dtype(
+                store.read_stored(EMBEDDINGS, &[c.vocab_size, h], false)?,
+                device,
+            )
+        } else {
+            let embed = store.read_f32(EMBEDDINGS, &[c.vocab_size, h])?;
+            Tensor::from_data(TensorData::new(embed, [c.vocab_size, h]), device)
         };
         Ok(Self {
-            embed_tokens: Tensor::from_data(TensorData::new(embed, [c.vocab_size, h]), device),
+            embed_tokens,
             lm_head: Tensor::from_data(TensorData::new(lm_head, [h, c.vocab_size]), device),
             norm: norm(FINAL_NORM)?,
             layers,
@@ -776,14 +803,19 @@ impl<B: Kernels> Llama<B> {
         Ok(self.norm.forward(x))
     }
 
-    /// Token embeddings `[batch, len, hidden]`, scaled where the family scales them.
-    fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    /// Token embeddings `[batch, len, hidden]` in f32, scaled where the family scales them.
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, t] = tokens.dims();
         let x = self
             .embed_tokens
             .clone()
             .select(0, tokens.reshape([b * t]))
             .reshape([b, t, self.config.hidden_size]);
+        let x = if x.dtype() == DType::F32 {
+            x
+        } else {
+            x.cast(FloatDType::F32)
+        };
         match self.embed_scale {
             Some(s) => x * s,
             None => x,
@@ -886,20 +918,13 @@ impl<B: AutodiffBackend> Llama<B> {
     }
 }
 
-/// Row-major transpose of a `rows x cols` matrix.
-pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const BLOCK: usize = 32;
-    let mut out = vec![0.0f32; data.len()];
-    for r0 in (0..rows).step_by(BLOCK) {
-        for c0 in (0..cols).step_by(BLOCK) {
-            for r in r0..(r0 + BLOCK).min(rows) {
-                for c in c0..(c0 + BLOCK).min(cols) {
-                    out[c * rows + r] = data[r * cols + c];
-                }
-            }
-        }
-    }
-    out
+pub use crate::weights::transpose;
+
+/// A tensor of `data` in `data`'s own dtype (`from_data` alone would convert it to the
+/// backend's default float type).
+fn in_its_dtype<B: Backend, const D: usize>(data: TensorData, device: &B::Device) -> Tensor<B, D> {
+    let dtype = data.dtype;
+    Tensor::from_data(data, (device, dtype))
 }
 
 #[cfg(test)]

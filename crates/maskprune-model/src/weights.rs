@@ -9,6 +9,8 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde_json::Value;
 
+use burn::tensor::TensorData;
+
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::family::{layer_tensor_name, Projection};
@@ -94,6 +96,15 @@ impl WeightStore {
         Some((e.dtype, &e.shape, &self.files[e.file].1[e.start..e.end]))
     }
 
+    /// Hands the mapped pages of tensor `name` back to the kernel (after its bytes from
+    /// [`WeightStore::raw`] have been used), so a pass over every tensor does not leave the
+    /// whole checkpoint resident.
+    pub fn release(&self, name: &str) {
+        if let Some(e) = self.entries.get(name) {
+            release_pages(&self.files[e.file].1, e.start, e.end);
+        }
+    }
+
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.entries.keys().map(String::as_str).collect();
@@ -113,21 +124,71 @@ impl WeightStore {
         self.read_f32(&name, &config.projection_shape(p))
     }
 
-    /// Reads tensor `name` as f32, checking it has exactly `shape`.
-    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    /// Tensor `name` (PyTorch layout, shape checked) in its stored dtype when that is bf16 or
+    /// f16, else f32, transposed from `[rows, cols]` to `[cols, rows]` when `transposed`
+    /// (the layout of our linear layers). The pages of the file it was read from are handed
+    /// back to the kernel, so loading holds at most one tensor twice.
+    pub fn read_stored(&self, name: &str, shape: &[usize], transposed: bool) -> Result<TensorData> {
+        let entry = self.entry(name, shape)?;
+        let map = &self.files[entry.file].1;
+        let bytes = &map[entry.start..entry.end];
+        let dims: Vec<usize> = if transposed {
+            shape.iter().rev().copied().collect()
+        } else {
+            shape.to_vec()
+        };
+        let (rows, cols) = (shape[0], shape.iter().skip(1).product::<usize>().max(1));
+        fn arrange<T: Copy + Default>(v: Vec<T>, rows: usize, cols: usize, t: bool) -> Vec<T> {
+            if t {
+                transpose(&v, rows, cols)
+            } else {
+                v
+            }
+        }
+        let data = match entry.dtype {
+            Dtype::BF16 => {
+                let v: Vec<half::bf16> = bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                TensorData::new(arrange(v, rows, cols, transposed), dims)
+            }
+            Dtype::F16 => {
+                let v: Vec<half::f16> = bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                TensorData::new(arrange(v, rows, cols, transposed), dims)
+            }
+            _ => {
+                let v = self.read_f32(name, shape)?;
+                TensorData::new(arrange(v, rows, cols, transposed), dims)
+            }
+        };
+        release_pages(map, entry.start, entry.end);
+        Ok(data)
+    }
+
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
         let entry = self.entries.get(name).ok_or_else(|| {
             ModelError::new(&self.files[0].0, format!("tensor `{name}` is missing"))
         })?;
-        let (path, map) = &self.files[entry.file];
         if entry.shape != shape {
             return Err(ModelError::new(
-                path,
+                &self.files[entry.file].0,
                 format!(
                     "tensor `{name}` has shape {:?}, expected {:?}",
                     entry.shape, shape
                 ),
             ));
         }
+        Ok(entry)
+    }
+
+    /// Reads tensor `name` as f32, checking it has exactly `shape`.
+    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let entry = self.entry(name, shape)?;
+        let (path, map) = &self.files[entry.file];
         let bytes = &map[entry.start..entry.end];
         let values = match entry.dtype {
             Dtype::F32 => bytes
@@ -151,8 +212,41 @@ impl WeightStore {
                 ))
             }
         };
+        release_pages(map, entry.start, entry.end);
         Ok(values)
     }
+}
+
+/// Drops the mapped pages wholly inside `start..end` from this process (the file is
+/// read-only and shared: a later read maps them again), so reading a checkpoint tensor by
+/// tensor does not leave the whole file resident.
+fn release_pages(map: &Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let first = start.div_ceil(PAGE) * PAGE;
+    let last = end / PAGE * PAGE;
+    if last > first {
+        // SAFETY: DONTNEED on a read-only shared file mapping only drops cached pages; the
+        // bytes read back afterwards are the file's, unchanged.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+        };
+    }
+}
+
+/// Row-major transpose of a `rows x cols` matrix.
+pub fn transpose<T: Copy + Default>(data: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const BLOCK: usize = 32;
+    let mut out = vec![T::default(); data.len()];
+    for r0 in (0..rows).step_by(BLOCK) {
+        for c0 in (0..cols).step_by(BLOCK) {
+            for r in r0..(r0 + BLOCK).min(rows) {
+                for c in c0..(c0 + BLOCK).min(cols) {
+                    out[c * rows + r] = data[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The shard files named by a `model.safetensors.index.json`, in a stable order.
@@ -193,8 +287,13 @@ fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
 pub fn weights_sha256(store: &WeightStore) -> String {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
+    const CHUNK: usize = 64 << 20;
     for (_, map) in &store.files {
-        hasher.update(&map[..]);
+        for start in (0..map.len()).step_by(CHUNK) {
+            let end = (start + CHUNK).min(map.len());
+            hasher.update(&map[start..end]);
+            release_pages(map, start, end);
+        }
     }
     format!("{:x}", hasher.finalize())
 }

@@ -302,6 +302,7 @@ fn write_plan(
         }
         let (new_shape, new_bytes) = apply_cut(&cut(name)?, tshape, bytes, dtype.bitsize() / 8);
         tensors.push((name.to_string(), dtype, new_shape, new_bytes));
+        store.release(name);
     }
     if let Some(name) = deltas.keys().next() {
         return Err(ModelError::new(

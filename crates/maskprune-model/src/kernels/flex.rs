@@ -2,7 +2,7 @@
 //! [`crate::cpu_kernels`], reading its tensors' storage in place.
 
 use burn::backend::Flex;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{bf16, f16, DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 
 use super::{HeadLoss, HeadTerms, Kernels};
@@ -15,18 +15,45 @@ use crate::rope::Rotary;
 pub(super) struct Values(FlexTensor);
 
 impl Values {
+    /// Weights kept in bf16/f16 (their checkpoint's dtype) are widened to f32 here, one
+    /// operation at a time: the values are those a load in f32 would have given.
     pub(super) fn new(t: FlexTensor) -> Self {
         if is_plain_f32(&t) {
-            Values(t)
-        } else {
-            let t = t.to_contiguous();
-            assert!(
-                is_plain_f32(&t),
-                "f32 tensors expected (got {:?})",
-                t.dtype()
-            );
-            Values(t)
+            return Values(t);
         }
+        let t = t.to_contiguous();
+        let range = {
+            let start = t.layout().start_offset();
+            start..start + t.layout().num_elements()
+        };
+        let widened: Option<Vec<f32>> = match t.dtype() {
+            DType::BF16 => Some(
+                t.storage::<bf16>()[range]
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect(),
+            ),
+            DType::F16 => Some(
+                t.storage::<f16>()[range]
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let t = match widened {
+            Some(values) => {
+                let shape = t.layout().shape().clone();
+                FlexTensor::from_data(TensorData::new(values, shape))
+            }
+            None => t,
+        };
+        assert!(
+            is_plain_f32(&t),
+            "f32 tensors expected (got {:?})",
+            t.dtype()
+        );
+        Values(t)
     }
 
     pub(super) fn of<const D: usize>(x: Tensor<Flex, D>) -> Self {
@@ -66,6 +93,10 @@ fn weight_values(w: &Tensor<Flex, 2>) -> ([usize; 2], Values) {
 }
 
 impl Kernels for Flex {
+    fn keeps_stored_dtype() -> bool {
+        true
+    }
+
     fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         cpu_kernels::on_pool(f)
     }

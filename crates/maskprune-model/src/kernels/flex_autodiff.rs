@@ -245,6 +245,10 @@ impl Backward<Flex, 1> for HeadLossBackward {
 }
 
 impl Kernels for Ad {
+    fn keeps_stored_dtype() -> bool {
+        true
+    }
+
     fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         cpu_kernels::on_pool(f)
     }

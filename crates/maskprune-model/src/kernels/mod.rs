@@ -53,6 +53,14 @@ pub trait Kernels: Backend {
         f()
     }
 
+    /// Whether the model keeps its linear weights and embeddings in the checkpoint's dtype
+    /// (bf16, f16) on this backend, its kernels widening them to f32 operation by operation
+    /// (the same values as widening at load, in half the memory). The composed ops compute
+    /// in f32 only, so the default is no.
+    fn keeps_stored_dtype() -> bool {
+        false
+    }
+
     /// `x · weight` (the weight frozen: no gradient is computed for it).
     fn frozen_linear(x: Tensor<Self, 3>, weight: &Tensor<Self, 2>) -> Tensor<Self, 3> {
         composed::linear(x, weight)
