@@ -138,32 +138,41 @@ impl WeightStore {
             shape.to_vec()
         };
         let (rows, cols) = (shape[0], shape.iter().skip(1).product::<usize>().max(1));
-        fn arrange<T: Copy + Default>(v: Vec<T>, rows: usize, cols: usize, t: bool) -> Vec<T> {
-            if t {
+        // The values of one element type, transposed if asked, as tensor data.
+        fn tensor<T: Copy + Default + burn::tensor::Element>(
+            v: Vec<T>,
+            [rows, cols]: [usize; 2],
+            transposed: bool,
+            dims: Vec<usize>,
+        ) -> TensorData {
+            let v = if transposed {
                 transpose(&v, rows, cols)
             } else {
                 v
-            }
+            };
+            TensorData::new(v, dims)
         }
+        let m = [rows, cols];
         let data = match entry.dtype {
-            Dtype::BF16 => {
-                let v: Vec<half::bf16> = bytes
+            Dtype::BF16 => tensor(
+                bytes
                     .chunks_exact(2)
                     .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                TensorData::new(arrange(v, rows, cols, transposed), dims)
-            }
-            Dtype::F16 => {
-                let v: Vec<half::f16> = bytes
+                    .collect(),
+                m,
+                transposed,
+                dims,
+            ),
+            Dtype::F16 => tensor(
+                bytes
                     .chunks_exact(2)
                     .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                TensorData::new(arrange(v, rows, cols, transposed), dims)
-            }
-            _ => {
-                let v = self.read_f32(name, shape)?;
-                TensorData::new(arrange(v, rows, cols, transposed), dims)
-            }
+                    .collect(),
+                m,
+                transposed,
+                dims,
+            ),
+            _ => tensor(self.read_f32(name, shape)?, m, transposed, dims),
         };
         release_pages(map, entry.start, entry.end);
         Ok(data)
