@@ -3,6 +3,8 @@
 
 use std::str::FromStr;
 
+use anyhow::Context;
+
 use maskprune_model::{Kernels, TrainKernels};
 
 /// The `--device` flag.
@@ -62,25 +64,72 @@ pub fn dispatch<J: BackendJob>(device: DeviceArg, job: J) -> anyhow::Result<J::O
 }
 
 /// A command body that needs gradients (mask training), generic over an autodiff backend.
-pub trait AutodiffJob {
+pub trait AutodiffJob: Sized {
     /// What the job returns.
     type Output;
     /// Runs the job on autodiff backend `B` and `device`.
     fn run<B: TrainKernels>(self, device: B::Device) -> anyhow::Result<Self::Output>;
+    /// Runs the job on several devices of backend `B`; jobs that use only one take the first.
+    fn run_on<B: TrainKernels>(self, devices: Vec<B::Device>) -> anyhow::Result<Self::Output> {
+        let first = devices.into_iter().next().expect("at least one device");
+        self.run::<B>(first)
+    }
 }
 
 /// Runs `job` on the autodiff version of the backend `device` names.
 pub fn dispatch_autodiff<J: AutodiffJob>(device: DeviceArg, job: J) -> anyhow::Result<J::Output> {
+    dispatch_autodiff_on(&[device], job)
+}
+
+/// Runs `job` on the autodiff version of the backend `devices` name (all of one kind).
+pub fn dispatch_autodiff_on<J: AutodiffJob>(
+    devices: &[DeviceArg],
+    job: J,
+) -> anyhow::Result<J::Output> {
     use burn::backend::Autodiff;
-    match device {
-        DeviceArg::Cpu => job.run::<Autodiff<burn::backend::Flex>>(Default::default()),
-        #[cfg(feature = "cuda")]
-        DeviceArg::Cuda(n) => {
-            job.run::<Autodiff<burn::backend::Cuda>>(burn::backend::cuda::CudaDevice::new(n))
+    let first = *devices.first().context("no device given")?;
+    anyhow::ensure!(
+        devices
+            .iter()
+            .all(|d| matches!(d, DeviceArg::Cpu) == matches!(first, DeviceArg::Cpu)),
+        "--devices {}: one kind of device per run (cpu,cpu or cuda:0,cuda:1)",
+        devices
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    match first {
+        DeviceArg::Cpu => {
+            job.run_on::<Autodiff<burn::backend::Flex>>(vec![Default::default(); devices.len()])
         }
+        #[cfg(feature = "cuda")]
+        DeviceArg::Cuda(_) => job.run_on::<Autodiff<burn::backend::Cuda>>(
+            devices
+                .iter()
+                .map(|d| match d {
+                    DeviceArg::Cuda(n) => burn::backend::cuda::CudaDevice::new(*n),
+                    DeviceArg::Cpu => unreachable!("checked above"),
+                })
+                .collect(),
+        ),
         #[cfg(not(feature = "cuda"))]
         DeviceArg::Cuda(_) => {
             anyhow::bail!("this maskprune was built without CUDA; rebuild with `--features cuda`")
         }
+    }
+}
+
+/// A comma-separated device list: `cpu,cpu` or `cuda:0,cuda:1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceList(pub Vec<DeviceArg>);
+
+impl FromStr for DeviceList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .map(|d| d.trim().parse())
+            .collect::<Result<Vec<_>, _>>()
+            .map(DeviceList)
     }
 }

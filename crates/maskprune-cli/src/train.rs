@@ -10,9 +10,11 @@ use maskprune_model::output::write_file_atomically;
 use maskprune_model::Llama;
 use maskprune_surgery::rank::plan_from_scores;
 use maskprune_surgery::{uniform_widths, Granularity, PrunePlan};
-use maskprune_train::{files, train, ConfigFile, RunSpec, TrainConfig, TrainSummary};
+use maskprune_train::{
+    files, train_parallel, ConfigFile, Peers, RunSpec, TrainConfig, TrainSummary,
+};
 
-use crate::backend::{dispatch_autodiff, AutodiffJob, DeviceArg};
+use crate::backend::{dispatch_autodiff, dispatch_autodiff_on, AutodiffJob, DeviceArg, DeviceList};
 use crate::prune_stages::{
     apply_plan_with_bar, read_scores, widths_of_plan, write_scores, ScoreJob,
 };
@@ -54,6 +56,10 @@ pub struct TrainOptions {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceArg,
+    /// Data-parallel training, one peer per device, each update's batch split between them:
+    /// `cpu,cpu` or `cuda:0,cuda:1` (replaces --device).
+    #[arg(long, conflicts_with = "device")]
+    devices: Option<DeviceList>,
     /// Free (non-uniform) masks: set by `prune --method maskprune-nonuniform`, not a flag.
     #[arg(skip)]
     nonuniform: bool,
@@ -152,7 +158,17 @@ fn resolve_config(o: &TrainOptions) -> anyhow::Result<TrainConfig> {
     Ok(config)
 }
 
+impl TrainOptions {
+    /// The devices `--devices` (or `--device`) names.
+    fn devices(&self) -> Vec<DeviceArg> {
+        self.devices
+            .as_ref()
+            .map_or_else(|| vec![self.device], |d| d.0.clone())
+    }
+}
+
 struct TrainJob {
+    peers: Peers,
     model: PathBuf,
     config: TrainConfig,
     calibration: CalibrationSet,
@@ -166,8 +182,24 @@ impl AutodiffJob for TrainJob {
         self,
         device: B::Device,
     ) -> anyhow::Result<TrainSummary> {
+        self.run_on::<B>(vec![device])
+    }
+
+    fn run_on<B: maskprune_model::TrainKernels>(
+        self,
+        devices: Vec<B::Device>,
+    ) -> anyhow::Result<TrainSummary> {
         progress::info(format!("loading {} ...", self.model.display()));
-        let model = Llama::<B>::load(&self.model, &device)?;
+        // One copy of the weights per distinct device; peers on the same device share it.
+        let mut replicas: Vec<Llama<B>> = Vec::new();
+        for (k, device) in devices.iter().enumerate() {
+            let model = match devices[..k].iter().position(|d| d == device) {
+                Some(same) => replicas[same].clone(),
+                None => Llama::<B>::load(&self.model, device)?,
+            };
+            replicas.push(model);
+        }
+        let model = &replicas[0];
         let steps = self.config.train.steps;
         let bar = progress::StepBar::new("train", steps);
         let spec = RunSpec {
@@ -178,7 +210,7 @@ impl AutodiffJob for TrainJob {
             resume: self.resume,
         };
         let dense = model.config.num_hidden_layers * model.config.layer_linear_params();
-        let summary = train(&model, &spec, &mut |r| {
+        let summary = train_parallel(&replicas, &self.peers, &spec, &mut |r| {
             let msg = format!(
                 "loss {:.4} s {:.2}/{:.0} sparsity {:.1}% (target {:.1}%)",
                 r.distill,
@@ -296,10 +328,17 @@ fn run_training(o: &TrainOptions, run_dir: &Path) -> anyhow::Result<TrainSummary
         budget_of(o, &config, &model_config)?;
         config
     };
+    let peers = Peers {
+        local: o.devices().len(),
+    };
+    peers
+        .check(config.train.batch)
+        .map_err(|m| anyhow::anyhow!("{}: {m}", o.config.display()))?;
     let calibration = prepare_run(o, &config, run_dir)?;
-    let summary = dispatch_autodiff(
-        o.device,
+    let summary = dispatch_autodiff_on(
+        &o.devices(),
         TrainJob {
+            peers,
             model: o.model.clone(),
             config,
             calibration,

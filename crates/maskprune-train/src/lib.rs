@@ -6,6 +6,7 @@
 //! * [`minimax`]: the host-side primal and dual updates;
 //! * [`extract`]: the budget, the unit kinds, and the extraction of a uniform plan;
 //! * [`trainer`]: the loop, the run directory, checkpoints and resume;
+//! * [`parallel`]: data-parallel training over several devices (burn's collective);
 //! * [`finetune`]: recovery fine-tuning of a pruned checkpoint (LoRA, next-token loss and
 //!   distillation), with the same run directory mechanics.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod extract;
 pub mod finetune;
 pub mod minimax;
+pub mod parallel;
 mod run;
 pub mod trainer;
 
@@ -20,4 +22,5 @@ pub use config::{ConfigFile, TrainConfig};
 pub use extract::{Budget, LayerCounts};
 pub use finetune::{finetune, FinetuneConfig, FinetuneRecord, FinetuneSpec, FinetuneSummary};
 pub use maskprune_model::lora::Adapters;
-pub use trainer::{files, train, RunSpec, StepRecord, TrainSummary};
+pub use parallel::Peers;
+pub use trainer::{files, train, train_parallel, RunSpec, StepRecord, TrainSummary};

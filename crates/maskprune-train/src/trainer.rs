@@ -28,6 +28,7 @@ use maskprune_records::{run::OverLayers, MaskSnapshot, MaskState};
 use crate::config::{MaskInit, TrainConfig};
 use crate::extract::Budget;
 use crate::minimax::{scheduled_target, MinimaxState, ATTENTION, CHANNELS};
+use crate::parallel::{Membership, Peers};
 use crate::run::{
     batch_rows, epoch_order, err, open_log, read_checkpoint, split_calibration, truncate_log,
     write_checkpoint, Checkpoint, Provenance,
@@ -69,7 +70,14 @@ pub struct RunSpec<'a> {
 
 /// What every part of a run shares.
 struct Context<'a, B: TrainKernels> {
+    /// The first device's model: initialisation, the teacher, extraction.
     model: &'a Llama<B>,
+    /// The model on each device (one peer each).
+    replicas: &'a [Llama<B>],
+    /// How batches are split over devices.
+    peers: &'a Peers,
+    /// The peers' registration with the collective, for a data-parallel run.
+    membership: Option<Membership<B::InnerBackend>>,
     spec: &'a RunSpec<'a>,
     budget: Budget,
     train_idx: Vec<usize>,
@@ -103,6 +111,47 @@ struct Gradients {
     lora: Vec<Vec<f32>>,
 }
 
+impl Gradients {
+    /// How many values [`Gradients::flatten`] gives: three losses, every mask, every LoRA
+    /// matrix.
+    fn flat_len(c: &maskprune_model::ModelConfig, budget: &Budget, adapters: &Adapters) -> usize {
+        let units = budget.kinds[ATTENTION].units + c.intermediate_size;
+        let lora: usize = adapters.matrices.iter().map(|m| m.value.len()).sum();
+        3 + c.num_hidden_layers * units + lora
+    }
+
+    /// Losses and gradients in one vector, each times `scale` (a peer's share of the batch).
+    fn flatten(&self, scale: f32) -> Vec<f32> {
+        let losses = [
+            self.distill,
+            self.ntp.unwrap_or(0.0),
+            self.hidden.unwrap_or(0.0),
+        ];
+        losses
+            .iter()
+            .map(|&v| v as f32)
+            .chain(self.masks.iter().flatten().flatten().copied())
+            .chain(self.lora.iter().flatten().copied())
+            .map(|v| v * scale)
+            .collect()
+    }
+
+    /// This batch's layout filled with `flat`'s values (as [`Gradients::flatten`] lays them out).
+    fn unflatten(&self, flat: &[f32]) -> Gradients {
+        let mut values = flat.iter().copied();
+        let mut take = |n: usize| -> Vec<f32> { values.by_ref().take(n).collect() };
+        let losses = take(3);
+        let present = |o: Option<f64>, v: f32| o.map(|_| v as f64);
+        Gradients {
+            distill: losses[0] as f64,
+            ntp: present(self.ntp, losses[1]),
+            hidden: present(self.hidden, losses[2]),
+            masks: std::array::from_fn(|t| self.masks[t].iter().map(|l| take(l.len())).collect()),
+            lora: self.lora.iter().map(|m| take(m.len())).collect(),
+        }
+    }
+}
+
 /// Trains masks, widths and adapters and writes the run directory; `on_step` sees every
 /// update (progress bars).
 pub fn train<B: TrainKernels>(
@@ -110,7 +159,22 @@ pub fn train<B: TrainKernels>(
     spec: &RunSpec,
     on_step: &mut dyn FnMut(&StepRecord),
 ) -> Result<TrainSummary, String> {
+    train_parallel(std::slice::from_ref(model), &Peers::single(), spec, on_step)
+}
+
+/// [`train`] with every batch split over `peers`: `replicas` holds the model on each device
+/// (see [`crate::parallel`]).
+pub fn train_parallel<B: TrainKernels>(
+    replicas: &[Llama<B>],
+    peers: &Peers,
+    spec: &RunSpec,
+    on_step: &mut dyn FnMut(&StepRecord),
+) -> Result<TrainSummary, String> {
     let cfg = spec.config;
+    let model = &replicas[0];
+    peers
+        .check(cfg.train.batch)
+        .map_err(|m| format!("{}: {m}", spec.run_dir.display()))?;
     let budget = Budget::new(
         &model.config,
         cfg.budget.granularity,
@@ -122,8 +186,17 @@ pub fn train<B: TrainKernels>(
     let (train_idx, eval_idx) =
         split_calibration(spec.calibration, cfg.train.batch, cfg.train.eval_samples)?;
     let store = WeightStore::open(spec.model_dir).map_err(|e| e.to_string())?;
+    let membership = if peers.is_parallel() {
+        let devices: Vec<_> = replicas.iter().map(|m| m.device()).collect();
+        Some(peers.join::<B::InnerBackend>(&devices)?)
+    } else {
+        None
+    };
     let cx = Context {
         model,
+        replicas,
+        peers,
+        membership,
         spec,
         budget,
         first_epoch: epoch_order(&train_idx, cfg.train.seed, 0),
@@ -261,21 +334,62 @@ impl<B: TrainKernels> Context<'_, B> {
     }
 
     /// The teacher's hidden states, the masked student with adapters, the loss and its
-    /// gradients for the batch of update `run.step`, on the backend's worker pool.
+    /// gradients for the batch of update `run.step`, on the backend's worker pool; for a
+    /// data-parallel run, each peer's shard on its own device, summed over the peers.
     fn gradients(&self, run: &Progress) -> Result<Gradients, String> {
-        B::run(|| self.gradients_here(run))
+        let cfg = self.cfg();
+        let batch = batch_rows(&self.train_idx, cfg.train.batch, cfg.train.seed, run.step);
+        let Some(membership) = &self.membership else {
+            return B::run(|| self.gradients_here(self.model, &batch, run));
+        };
+        let scale = 1.0 / self.peers.local as f32;
+        let len = Gradients::flat_len(&self.model.config, &self.budget, &run.adapters);
+        let shards = self.peers.shards(&batch);
+        let results: Vec<Result<Gradients, String>> = std::thread::scope(|s| {
+            let peers: Vec<_> = self
+                .replicas
+                .iter()
+                .zip(shards)
+                .map(|(model, (id, rows))| {
+                    s.spawn(move || {
+                        // The pool serves one caller at a time: leave it before the
+                        // all-reduce, which waits for the other peers' shards.
+                        let own = B::run(|| self.gradients_here(model, rows, run));
+                        let values = match &own {
+                            Ok(g) => g.flatten(scale),
+                            // The others still wait for this peer's share: send NaNs.
+                            Err(_) => vec![f32::NAN; len],
+                        };
+                        let summed = membership.sum(id, values, &model.device())?;
+                        own.map(|g| g.unflatten(&summed))
+                    })
+                })
+                .collect();
+            peers
+                .into_iter()
+                .map(|p| p.join().expect("peer thread"))
+                .collect()
+        });
+        results
+            .into_iter()
+            .reduce(|a, b| a.and(b))
+            .expect("at least one peer")
     }
 
-    fn gradients_here(&self, run: &Progress) -> Result<Gradients, String> {
-        let (model, cfg, c) = (self.model, self.cfg(), &self.model.config);
+    fn gradients_here(
+        &self,
+        model: &Llama<B>,
+        batch: &[usize],
+        run: &Progress,
+    ) -> Result<Gradients, String> {
+        let (cfg, c) = (self.cfg(), &self.model.config);
         let device = model.device();
-        let batch = batch_rows(&self.train_idx, cfg.train.batch, cfg.train.seed, run.step);
         let rows: Vec<&[u32]> = batch
             .iter()
             .map(|&i| self.spec.calibration.samples[i].as_slice())
             .collect();
         let tokens = token_tensor::<B>(&rows, &device);
-        let teacher = self.teacher_hidden(&batch)?;
+        let teacher = self.teacher_hidden(batch)?.to_device(&device);
         let masks = run.state.masks(&cfg.minimax);
         let unit = UnitMasks::<B>::from_values(
             c,
@@ -290,7 +404,7 @@ impl<B: TrainKernels> Context<'_, B> {
                 .to_tensors::<B>(c.num_hidden_layers, &device, Tensor::require_grad);
         let layer_masks = unit.layer_masks();
         let (student, hidden) = if cfg.train.hidden_distill_weight > 0.0 {
-            let (student, term) = self.layer_distillation(&rows, &layer_masks, &lora)?;
+            let (student, term) = self.layer_distillation(model, &rows, &layer_masks, &lora)?;
             (student, Some(term))
         } else {
             let student = model
@@ -366,6 +480,7 @@ impl<B: TrainKernels> Context<'_, B> {
     /// every update: 35 MB per batch of SmolLM2, too much to keep per window).
     fn layer_distillation(
         &self,
+        model: &Llama<B>,
         rows: &[&[u32]],
         masks: &[LayerMask<B>],
         lora: &[maskprune_model::LayerLora<B>],
@@ -379,10 +494,9 @@ impl<B: TrainKernels> Context<'_, B> {
             )
             .map_err(|e| e.to_string())?;
         let mut student = Vec::new();
-        let last = self
-            .model
+        let last = model
             .hidden_states_observed(
-                token_tensor(rows, &self.model.device()),
+                token_tensor(rows, &model.device()),
                 Extras {
                     masks: Some(masks),
                     lora: Some(lora),
@@ -395,7 +509,7 @@ impl<B: TrainKernels> Context<'_, B> {
             .into_iter()
             .zip(teacher)
             .map(|(s, t)| {
-                let t = Tensor::<B, 3>::from_inner(t);
+                let t = Tensor::<B, 3>::from_inner(t).to_device(&model.device());
                 let scale: f64 = t.clone().square().mean().into_scalar().elem();
                 let error: Tensor<B, 1> = (s - t).square().mean();
                 error.div_scalar(scale.max(f64::MIN_POSITIVE))

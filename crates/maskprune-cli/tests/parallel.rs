@@ -1,0 +1,181 @@
+//! Data-parallel `train-masks` on the tiny fixture: two CPU devices (two peers of burn's
+//! collective, each on half of every batch) against one device at the same global batch.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{assert_success, bin, fixtures};
+
+const STEPS: u64 = 30;
+
+/// A calibration set (vocabulary 288), a config with batch 4, in `dir`.
+fn inputs(dir: &Path) -> (String, String) {
+    let calib = dir.join("calib.json");
+    common::random_calibration(&calib, 40, 16, 288, 777);
+    let config = dir.join("tiny.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[budget]\nsparsity = 0.5\nround_to = 16\n[train]\nsteps = {STEPS}\nbatch = 4\n\
+             warmup_steps = {}\ncheckpoint_every = 10\neval_samples = 4\n",
+            STEPS / 2
+        ),
+    )
+    .unwrap();
+    (s(&calib), s(&config))
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// `train-masks` with the inputs into `run`, plus `extra`.
+fn train(calib: &str, config: &str, run: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = bin();
+    let model = s(&fixtures().join("tiny-llama"));
+    cmd.args([
+        "--quiet",
+        "train-masks",
+        "--config",
+        config,
+        "--calib",
+        calib,
+        "--model",
+        &model,
+        "--run-dir",
+        &s(run),
+    ])
+    .args(extra);
+    cmd
+}
+
+/// The log's records without their wall times.
+fn log(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        })
+        .collect()
+}
+
+/// Every float of the adapters, by tensor name.
+fn adapters(run: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(run.join("lora.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let f = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (n, f)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Every number in a JSON value, in order.
+fn numbers(v: &serde_json::Value, out: &mut Vec<f64>) {
+    match v {
+        serde_json::Value::Number(n) => out.push(n.as_f64().unwrap()),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| numbers(x, out)),
+        serde_json::Value::Object(o) => o.values().for_each(|x| numbers(x, out)),
+        _ => {}
+    }
+}
+
+/// The largest difference between two runs' mask values (masks.json: z, m, y, widths).
+fn masks_gap(a: &Path, b: &Path) -> f64 {
+    let read = |p: &Path| {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p.join("masks.json")).unwrap()).unwrap();
+        let mut out = Vec::new();
+        numbers(&v, &mut out);
+        out
+    };
+    let (x, y) = (read(a), read(b));
+    assert_eq!(x.len(), y.len());
+    x.iter()
+        .zip(&y)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f64::max)
+}
+
+fn adapters_gap(a: &Path, b: &Path) -> f64 {
+    let (x, y) = (adapters(a), adapters(b));
+    assert_eq!(x.len(), y.len());
+    x.iter()
+        .zip(&y)
+        .flat_map(|((n, p), (m, q))| {
+            assert_eq!(n, m);
+            p.iter().zip(q).map(|(u, v)| (u - v).abs() as f64)
+        })
+        .fold(0.0, f64::max)
+}
+
+fn run_ok(mut cmd: std::process::Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert_success(&out);
+    out
+}
+
+#[test]
+fn two_cpu_devices_match_one_device_at_the_same_global_batch() {
+    let dir = common::scratch("parallel", "devices");
+    let (calib, config) = inputs(&dir);
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    run_ok(train(&calib, &config, &one, &[]));
+    run_ok(train(&calib, &config, &two, &["--devices", "cpu,cpu"]));
+
+    // Same units kept in every layer.
+    assert_eq!(
+        std::fs::read_to_string(one.join("plan.json")).unwrap(),
+        std::fs::read_to_string(two.join("plan.json")).unwrap(),
+        "the plans differ"
+    );
+    // Each device sums its half of the batch's matrix products, so the gradients agree with
+    // one device's to rounding, not bit for bit; 30 updates keep them within these bounds.
+    let (masks, lora) = (masks_gap(&one, &two), adapters_gap(&one, &two));
+    eprintln!("1 vs 2 devices after {STEPS} updates: masks {masks:.3e}, adapters {lora:.3e}");
+    assert!(masks < 1e-3, "masks differ by {masks}");
+    assert!(lora < 1e-3, "adapters differ by {lora}");
+    let (a, b) = (log(&one), log(&two));
+    assert_eq!(a.len(), STEPS as usize);
+    for (x, y) in a.iter().zip(&b) {
+        let (dx, dy) = (
+            x["distill"].as_f64().unwrap(),
+            y["distill"].as_f64().unwrap(),
+        );
+        assert!(
+            (dx - dy).abs() <= 1e-4 * dx.abs().max(1e-3),
+            "step {}: distillation {dx} vs {dy}",
+            x["step"]
+        );
+        assert_eq!(x["kept_attention"], y["kept_attention"]);
+        assert_eq!(x["kept_channels"], y["kept_channels"]);
+    }
+
+    // A batch that does not split evenly is refused before anything runs.
+    let out = train(
+        &calib,
+        &config,
+        &dir.join("three"),
+        &["--devices", "cpu,cpu,cpu"],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("multiple of 3"), "{err}");
+    assert!(!dir.join("three").exists());
+}
