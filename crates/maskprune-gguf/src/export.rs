@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use maskprune_model::family::{split_layer_name, GGUF_OUTER_TENSORS};
+use maskprune_model::family::{split_layer_name, GGUF_OUTER_TENSORS, ROTARY_BUFFER};
 use maskprune_model::output::write_file_atomically;
 use maskprune_model::{Family, ModelConfig, ModelError, WeightStore};
 use serde_json::Value;
@@ -170,9 +170,7 @@ pub fn export_gguf(
     };
     for (done, hf) in names.iter().enumerate() {
         progress(done, names.len());
-        // Older LLaMA checkpoints carry the rotary frequencies as a buffer; llama.cpp
-        // recomputes them from `rope.freq_base`.
-        if hf.ends_with(".self_attn.rotary_emb.inv_freq") {
+        if hf.ends_with(&format!(".{ROTARY_BUFFER}")) {
             continue;
         }
         let gguf = gguf_name(c.family, hf, c.num_hidden_layers).ok_or_else(|| {

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use maskprune_model::family::{
-    layer_tensor_name, layer_tensors, EMBEDDINGS, FINAL_NORM, GGUF_OUTER_TENSORS,
+    layer_tensor_name, layer_tensors, EMBEDDINGS, FINAL_NORM, GGUF_OUTER_TENSORS, ROTARY_BUFFER,
 };
 use maskprune_model::output::{write_dir_atomically, write_file_atomically};
 use maskprune_model::{Family, ModelConfig, ModelError};
@@ -334,8 +334,7 @@ pub fn import_gguf(
     let mut required_names = vec![EMBEDDINGS.to_string(), FINAL_NORM.to_string()];
     for l in 0..config.num_hidden_layers {
         for (tail, _) in layer_tensors(config.family, config.biases) {
-            // A buffer llama.cpp recomputes, never stored.
-            if !tail.ends_with("inv_freq") {
+            if tail != ROTARY_BUFFER {
                 required_names.push(layer_tensor_name(l, tail));
             }
         }

@@ -76,8 +76,7 @@ pub fn layer_tensors(family: Family, biases: Biases) -> Vec<(&'static str, Slici
     .map(|n| (n, Whole))
     .collect();
     t.extend([
-        // A buffer older transformers saved with LLaMA checkpoints (the model recomputes it).
-        ("self_attn.rotary_emb.inv_freq", Whole),
+        (ROTARY_BUFFER, Whole),
         ("self_attn.q_proj.weight", Rows(QueryHead)),
         ("self_attn.k_proj.weight", Rows(KvHead)),
         ("self_attn.v_proj.weight", Rows(KvHead)),
@@ -108,6 +107,10 @@ pub fn layer_tensors(family: Family, biases: Biases) -> Vec<(&'static str, Slici
     }
     t
 }
+
+/// A buffer older transformers saved with LLaMA checkpoints (the model recomputes it, and
+/// llama.cpp from `rope.freq_base`): kept by surgery, never exported or required.
+pub const ROTARY_BUFFER: &str = "self_attn.rotary_emb.inv_freq";
 
 /// The per-head RMSNorms of the queries and the keys (Qwen3, Gemma-3), `[head_dim]` each.
 pub const HEAD_NORMS: [&str; 2] = ["self_attn.q_norm.weight", "self_attn.k_norm.weight"];
