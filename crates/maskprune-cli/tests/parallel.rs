@@ -10,20 +10,9 @@ use common::{assert_success, bin, fixtures};
 
 const STEPS: u64 = 30;
 
-/// A calibration set (vocabulary 288), a config with batch 4, in `dir`.
+/// A calibration set (vocabulary 288) and a config with batch 4, in `dir`.
 fn inputs(dir: &Path) -> (String, String) {
-    let calib = dir.join("calib.json");
-    common::random_calibration(&calib, 40, 16, 288, 777);
-    let config = dir.join("tiny.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[budget]\nsparsity = 0.5\nround_to = 16\n[train]\nsteps = {STEPS}\nbatch = 4\n\
-             warmup_steps = {}\ncheckpoint_every = 10\neval_samples = 4\n",
-            STEPS / 2
-        ),
-    )
-    .unwrap();
+    let (calib, config) = common::training_inputs(dir, STEPS, 288, 777, 10);
     (s(&calib), s(&config))
 }
 
@@ -33,35 +22,11 @@ fn s(p: &Path) -> String {
 
 /// `train-masks` with the inputs into `run`, plus `extra`.
 fn train(calib: &str, config: &str, run: &Path, extra: &[&str]) -> std::process::Command {
+    let (model, run) = (s(&fixtures().join("tiny-llama")), s(run));
     let mut cmd = bin();
-    let model = s(&fixtures().join("tiny-llama"));
-    cmd.args([
-        "--quiet",
-        "train-masks",
-        "--config",
-        config,
-        "--calib",
-        calib,
-        "--model",
-        &model,
-        "--run-dir",
-        &s(run),
-    ])
-    .args(extra);
+    cmd.args(common::train_masks_args(config, calib, &model, &run))
+        .args(extra);
     cmd
-}
-
-/// The log's records without their wall times.
-fn log(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("seconds");
-            v
-        })
-        .collect()
 }
 
 /// Every float of the adapters, by tensor name.
@@ -149,7 +114,7 @@ fn two_cpu_devices_match_one_device_at_the_same_global_batch() {
     eprintln!("1 vs 2 devices after {STEPS} updates: masks {masks:.3e}, adapters {lora:.3e}");
     assert!(masks < 1e-3, "masks differ by {masks}");
     assert!(lora < 1e-3, "adapters differ by {lora}");
-    let (a, b) = (log(&one), log(&two));
+    let (a, b) = (common::log_records(&one), common::log_records(&two));
     assert_eq!(a.len(), STEPS as usize);
     for (x, y) in a.iter().zip(&b) {
         let (dx, dy) = (

@@ -18,36 +18,9 @@ fn scratch(name: &str) -> PathBuf {
     common::scratch("train", name)
 }
 
-/// A calibration file of random windows (vocabulary 288) and a config, in `dir`.
+/// A calibration file of random windows and a config, in `dir`.
 fn inputs(dir: &Path, steps: u64, max_token: u64) -> (PathBuf, PathBuf) {
-    let calib_path = dir.join("calib.json");
-    common::random_calibration(&calib_path, 40, 16, max_token, 12345);
-    let config_path = dir.join("tiny.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "[budget]\nsparsity = 0.5\nround_to = 16\n[train]\nsteps = {steps}\nbatch = 4\n\
-             warmup_steps = {}\ncheckpoint_every = 7\neval_samples = 4\n",
-            steps / 2
-        ),
-    )
-    .unwrap();
-    (calib_path, config_path)
-}
-
-fn train_args<'a>(config: &'a str, calib: &'a str, model: &'a str, run: &'a str) -> Vec<&'a str> {
-    vec![
-        "--quiet",
-        "train-masks",
-        "--config",
-        config,
-        "--calib",
-        calib,
-        "--model",
-        model,
-        "--run-dir",
-        run,
-    ]
+    common::training_inputs(dir, steps, max_token, 12345, 7)
 }
 
 /// Lines in a run's log so far.
@@ -66,7 +39,7 @@ fn a_run_killed_ten_times_and_resumed_is_bit_identical_to_an_uninterrupted_one()
     let (full, killed) = (dir.join("full"), dir.join("killed"));
 
     let out = bin()
-        .args(train_args(&config, &calib, &model, &s(&full)))
+        .args(common::train_masks_args(&config, &calib, &model, &s(&full)))
         .output()
         .unwrap();
     assert_success(&out);
@@ -82,7 +55,12 @@ fn a_run_killed_ten_times_and_resumed_is_bit_identical_to_an_uninterrupted_one()
     };
     for kill in 0..10u64 {
         let mut cmd = bin();
-        cmd.args(train_args(&config, &calib, &model, &s(&killed)));
+        cmd.args(common::train_masks_args(
+            &config,
+            &calib,
+            &model,
+            &s(&killed),
+        ));
         if kill > 0 {
             cmd.arg("--resume");
         }
@@ -125,7 +103,12 @@ fn a_run_killed_ten_times_and_resumed_is_bit_identical_to_an_uninterrupted_one()
     assert!(killed.join("checkpoint/state.json").exists());
 
     let out = bin()
-        .args(train_args(&config, &calib, &model, &s(&killed)))
+        .args(common::train_masks_args(
+            &config,
+            &calib,
+            &model,
+            &s(&killed),
+        ))
         .arg("--resume")
         .output()
         .unwrap();
@@ -151,19 +134,9 @@ fn a_run_killed_ten_times_and_resumed_is_bit_identical_to_an_uninterrupted_one()
             "{f} differs between the uninterrupted and the resumed run"
         );
     }
-    let log_full = std::fs::read_to_string(full.join("log.jsonl")).unwrap();
-    let log_killed = std::fs::read_to_string(killed.join("log.jsonl")).unwrap();
-    assert_eq!(log_killed.lines().count(), 200);
-    let strip = |t: &str| -> Vec<serde_json::Value> {
-        t.lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut().unwrap().remove("seconds");
-                v
-            })
-            .collect()
-    };
-    assert_eq!(strip(&log_full), strip(&log_killed), "the logs differ");
+    let log_killed = common::log_records(&killed);
+    assert_eq!(log_killed.len(), 200);
+    assert_eq!(common::log_records(&full), log_killed, "the logs differ");
 }
 
 #[test]
@@ -224,7 +197,7 @@ fn bad_training_inputs_are_one_line_errors() {
     std::fs::create_dir_all(&existing).unwrap();
     let (existing, fresh) = (s(&existing), s(&dir.join("fresh")));
     let base = |run: &str| {
-        train_args(&config, &calib, &model, run)
+        common::train_masks_args(&config, &calib, &model, run)
             .into_iter()
             .map(String::from)
             .collect::<Vec<_>>()
@@ -247,14 +220,14 @@ fn bad_training_inputs_are_one_line_errors() {
         (with(&fresh, &["--set", "nonsense"]), "section.key=value"),
         (with(&fresh, &["--max-steps", "0"]), "--max-steps"),
         (
-            train_args(&typo, &calib, &model, &fresh)
+            common::train_masks_args(&typo, &calib, &model, &fresh)
                 .into_iter()
                 .map(String::from)
                 .collect(),
             "stepz",
         ),
         (
-            train_args(&config, &foreign, &model, &fresh)
+            common::train_masks_args(&config, &foreign, &model, &fresh)
                 .into_iter()
                 .map(String::from)
                 .collect(),
@@ -299,7 +272,7 @@ fn resume_refuses_a_corrupt_checkpoint_and_other_inputs() {
     let run = dir.join("run");
     assert_success(
         &bin()
-            .args(train_args(&config, &calib, &model, &s(&run)))
+            .args(common::train_masks_args(&config, &calib, &model, &s(&run)))
             .output()
             .unwrap(),
     );
@@ -411,7 +384,7 @@ fn resume_refuses_a_corrupt_checkpoint_and_other_inputs() {
         std::fs::remove_file(copy.join("summary.json")).unwrap();
         change(&copy);
         let copy = s(&copy);
-        let mut args = train_args(config, calib, model, &copy);
+        let mut args = common::train_masks_args(config, calib, model, &copy);
         args.extend(flags);
         args.push("--resume");
         let o = bin().args(&args).output().unwrap();
@@ -432,12 +405,17 @@ fn a_nan_loss_stops_the_run_and_resume_continues_from_the_last_good_checkpoint()
     let (full, broken) = (dir.join("full"), dir.join("broken"));
     assert_success(
         &bin()
-            .args(train_args(&config, &calib, &model, &s(&full)))
+            .args(common::train_masks_args(&config, &calib, &model, &s(&full)))
             .output()
             .unwrap(),
     );
     let out = bin()
-        .args(train_args(&config, &calib, &model, &s(&broken)))
+        .args(common::train_masks_args(
+            &config,
+            &calib,
+            &model,
+            &s(&broken),
+        ))
         .env("MASKPRUNE_FAULT_NAN_STEP", "12")
         .output()
         .unwrap();
@@ -461,7 +439,12 @@ fn a_nan_loss_stops_the_run_and_resume_continues_from_the_last_good_checkpoint()
     assert_eq!(state["step"], 7, "the checkpoint is the last good one");
     // Resumed without the fault, the run ends exactly as the uninterrupted one.
     let out = bin()
-        .args(train_args(&config, &calib, &model, &s(&broken)))
+        .args(common::train_masks_args(
+            &config,
+            &calib,
+            &model,
+            &s(&broken),
+        ))
         .arg("--resume")
         .output()
         .unwrap();

@@ -43,7 +43,7 @@ impl Peers {
         if self.local == 0 {
             return Err("no devices given".into());
         }
-        if batch % self.local != 0 {
+        if !batch.is_multiple_of(self.local) {
             return Err(format!(
                 "train.batch = {batch} does not split into {n} equal shards (one per device); make it a multiple of {n}",
                 n = self.local

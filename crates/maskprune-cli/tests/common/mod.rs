@@ -61,3 +61,62 @@ pub fn random_calibration(path: &Path, windows: usize, len: usize, max_token: u6
     });
     std::fs::write(path, calib.to_string()).unwrap();
 }
+
+/// A mask-training run's inputs for the tiny fixture, in `dir`: `calib.json`, 40 seeded random
+/// windows of 16 token ids below `max_token`, and `tiny.toml`, 50% sparsity, batch 4, the
+/// budget's warm-up over half the `steps`, a checkpoint every `checkpoint_every` updates.
+pub fn training_inputs(
+    dir: &Path,
+    steps: u64,
+    max_token: u64,
+    seed: u64,
+    checkpoint_every: u64,
+) -> (PathBuf, PathBuf) {
+    let calib_path = dir.join("calib.json");
+    random_calibration(&calib_path, 40, 16, max_token, seed);
+    let config_path = dir.join("tiny.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[budget]\nsparsity = 0.5\nround_to = 16\n[train]\nsteps = {steps}\nbatch = 4\n\
+             warmup_steps = {}\ncheckpoint_every = {checkpoint_every}\neval_samples = 4\n",
+            steps / 2
+        ),
+    )
+    .unwrap();
+    (calib_path, config_path)
+}
+
+/// A run's `log.jsonl` records without their wall times (the one field equal runs differ in).
+pub fn log_records(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        })
+        .collect()
+}
+
+/// `--quiet train-masks` with a config, calibration set, model and run directory.
+pub fn train_masks_args<'a>(
+    config: &'a str,
+    calib: &'a str,
+    model: &'a str,
+    run: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "--quiet",
+        "train-masks",
+        "--config",
+        config,
+        "--calib",
+        calib,
+        "--model",
+        model,
+        "--run-dir",
+        run,
+    ]
+}
