@@ -26,6 +26,20 @@ trap 'rm -f "$log"' EXIT
 status=0
 # No doc-tests: the crates have none, and an empty doc-test run would be the last line.
 cargo test --workspace --lib --bins --tests "$@" 2>&1 | tee "$log" || status=$?
+# The generic path again (forward, cached decoding, a training step's gradients) on
+# burn-wgpu: burn's cubecl kernels (the family burn-cuda compiles)
+# through Vulkan, on a CPU driver where there is no GPU (lavapipe, Debian's
+# mesa-vulkan-drivers; .ci/run installs it and sets MASKPRUNE_REQUIRE_VULKAN=1).
+if ls /usr/share/vulkan/icd.d/*.json > /dev/null 2>&1; then
+  XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} \
+    cargo test -p maskprune-tests --features wgpu --test generic_path --test mask_gradients "$@" \
+    generic_path 2>&1 | tee -a "$log" || status=$?
+elif [ "${MASKPRUNE_REQUIRE_VULKAN:-0}" = 1 ]; then
+  echo "error: no Vulkan driver in /usr/share/vulkan/icd.d: the burn-wgpu tests cannot run (install mesa-vulkan-drivers)" | tee -a "$log" >&2
+  status=1
+else
+  echo "note: no Vulkan driver in /usr/share/vulkan/icd.d: the burn-wgpu tests skip" >&2
+fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 exit $status

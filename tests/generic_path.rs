@@ -1,18 +1,23 @@
 //! The generic inference path — burn's composed tensor ops, which burn-cuda (and every backend
-//! without fused CPU kernels) runs — on the CPU through burn-ndarray, against transformers:
+//! without fused CPU kernels) runs — on the CPU through burn-ndarray (or burn-wgpu with
+//! `--features wgpu`), against transformers:
 //! the three fixtures' logits, masked logits, and cached decoding equal to the full forward.
 //! (Its training step is checked against the fused one in `mask_gradients.rs`.) What a GPU
 //! adds on top — cubecl kernels, device memory, f32 accumulation order — is for
 //! `scripts/gpu-check.sh`.
 
-use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
 use maskprune_eval::perplexity::token_tensor;
 use maskprune_model::Extras;
 use maskprune_model::{Kernels, KvCache, LayerMask, Llama};
 use maskprune_tests::*;
 
-type G = NdArray;
+/// burn-ndarray; with `--features wgpu`, burn-wgpu (cubecl kernels through wgpu on whatever
+/// Vulkan device there is: lavapipe on the CPU here, the kernel family burn-cuda compiles).
+#[cfg(not(feature = "wgpu"))]
+type G = burn::backend::NdArray;
+#[cfg(feature = "wgpu")]
+type G = burn::backend::Wgpu;
 
 fn host<const D: usize>(t: Tensor<G, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().unwrap()

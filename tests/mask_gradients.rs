@@ -239,13 +239,19 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// burn's composed ops differentiated by burn (the generic path, what burn-cuda trains with):
+/// on burn-ndarray, or with `--features wgpu` on burn-wgpu's cubecl kernels.
+#[cfg(not(feature = "wgpu"))]
+type Generic = Autodiff<burn::backend::NdArray>;
+#[cfg(feature = "wgpu")]
+type Generic = Autodiff<burn::backend::Wgpu>;
+
 #[test]
-fn fused_kernels_give_the_composed_ops_gradients() {
-    // burn-flex under autodiff runs the fused forward and backward kernels; burn-ndarray runs
-    // burn's composed ops (the generic path), differentiated by burn.
+fn generic_path_training_step_gives_the_fused_kernels_gradients() {
+    // burn-flex under autodiff runs the fused forward and backward kernels.
     for temperature in [1.0, 2.0] {
         let (fused_loss, fused) = step_gradients::<AD>(temperature);
-        let (loss, composed) = step_gradients::<Autodiff<burn::backend::NdArray>>(temperature);
+        let (loss, composed) = step_gradients::<Generic>(temperature);
         assert!(
             (fused_loss - loss).abs() < 1e-5 * loss.abs().max(1.0),
             "loss {fused_loss} vs {loss}"

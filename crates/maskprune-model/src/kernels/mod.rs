@@ -171,6 +171,11 @@ impl Kernels for burn::backend::Cuda {}
 #[cfg(feature = "cuda")]
 impl Kernels for Autodiff<burn::backend::Cuda> {}
 
+#[cfg(feature = "wgpu")]
+impl Kernels for burn::backend::Wgpu {}
+#[cfg(feature = "wgpu")]
+impl Kernels for Autodiff<burn::backend::Wgpu> {}
+
 /// A backend that trains: its autodiff wrapper and the inner backend (where the frozen
 /// teacher runs, outside gradient tracking) both have their kernels.
 pub trait TrainKernels:
