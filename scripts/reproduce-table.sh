@@ -22,7 +22,8 @@
 # Environment: MODEL (default: SmolLM2 imported from PyPI), NAME (default smollm2-135m; configs
 # are configs/NAME-<sparsity>.toml), SPARSITIES ("20 30 50"), METHODS (default maskprune
 # maskprune-nonuniform wanda-sp flap taylor; maskprune first: the others take its widths),
-# APPENDIX_METHODS (random magnitude), TUNE (1: the "w/ tune" block), FINETUNE_FLAGS (extra
+# APPENDIX_METHODS (random magnitude), TUNE (1: the "w/ tune" block), TUNE_METHODS (the methods
+# whose models get the recovery; default METHODS), FINETUNE_FLAGS (extra
 # flags for `maskprune finetune`), PPL_WINDOWS (1024), ZS_LIMIT (500), WORK (pruned models;
 # default ~/.cache/maskprune/table/NAME), RESULTS (results/NAME; the --quick default is
 # WORK/results), MASKPRUNE_BIN (a built maskprune to use instead of building one), CONFIGS
@@ -41,6 +42,7 @@ WORK=${WORK:-$HOME/.cache/maskprune/table/$NAME}
 METHODS=${METHODS:-"maskprune maskprune-nonuniform wanda-sp flap taylor"}
 APPENDIX_METHODS=${APPENDIX_METHODS-"random magnitude"}
 TUNE=${TUNE:-1}
+TUNE_METHODS=${TUNE_METHODS:-$METHODS}
 EXTRA=()
 FINETUNE=(${FINETUNE_FLAGS:-})
 BENCH=(--shapes 1x512,4x256 --decode 1x128+128 --repeats 3)
@@ -167,7 +169,7 @@ for pct in $SPARSITIES; do
       echo "== $pct%: speed and size against dense"
       "$BIN" bench --model "$out" --baseline "$MODEL" "${BENCH[@]}" --json "$row/bench.json"
     fi
-    if [ "$TUNE" = 1 ]; then
+    if [ "$TUNE" = 1 ] && [[ " $TUNE_METHODS " == *" $method "* ]]; then
       tuned=$out-tuned
       if [ ! -f "$tuned/maskprune.json" ]; then
         echo "== $pct%: recovery fine-tuning of $method"
