@@ -329,7 +329,7 @@ fn run_training(o: &TrainOptions, run_dir: &Path) -> anyhow::Result<TrainSummary
         config
     };
     let peers = Peers {
-        local: o.devices().len(),
+        devices: o.devices().len(),
     };
     peers
         .check(config.train.batch)

@@ -18,7 +18,7 @@ use burn_collective::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peers {
     /// How many devices (peers) take part.
-    pub local: usize,
+    pub devices: usize,
 }
 
 impl Default for Peers {
@@ -30,23 +30,23 @@ impl Default for Peers {
 impl Peers {
     /// One device in one process: no collective at all.
     pub fn single() -> Self {
-        Peers { local: 1 }
+        Peers { devices: 1 }
     }
 
     /// Whether batches are split (more than one peer).
     pub fn is_parallel(&self) -> bool {
-        self.local > 1
+        self.devices > 1
     }
 
     /// Refuses a batch that does not split into equal shards.
     pub fn check(&self, batch: usize) -> Result<(), String> {
-        if self.local == 0 {
+        if self.devices == 0 {
             return Err("no devices given".into());
         }
-        if !batch.is_multiple_of(self.local) {
+        if !batch.is_multiple_of(self.devices) {
             return Err(format!(
                 "train.batch = {batch} does not split into {n} equal shards (one per device); make it a multiple of {n}",
-                n = self.local
+                n = self.devices
             ));
         }
         Ok(())
@@ -54,8 +54,8 @@ impl Peers {
 
     /// The shards of a batch: `(peer id, rows)` per device, in order.
     pub fn shards<'a>(&self, batch: &'a [usize]) -> Vec<(usize, &'a [usize])> {
-        let size = batch.len() / self.local;
-        (0..self.local)
+        let size = batch.len() / self.devices;
+        (0..self.devices)
             .map(|k| (k, &batch[k * size..(k + 1) * size]))
             .collect()
     }
@@ -63,9 +63,9 @@ impl Peers {
     /// Registers every device with the collective (all at once: each call returns when all
     /// have); the returned guard unregisters them.
     pub fn join<B: Backend>(&self, devices: &[B::Device]) -> Result<Membership<B>, String> {
-        assert_eq!(devices.len(), self.local, "one device per peer");
-        let config = CollectiveConfig::default().with_num_devices(self.local);
-        let ids: Vec<PeerId> = (0..self.local).map(|k| PeerId(k as u32)).collect();
+        assert_eq!(devices.len(), self.devices, "one device per peer");
+        let config = CollectiveConfig::default().with_num_devices(self.devices);
+        let ids: Vec<PeerId> = (0..self.devices).map(|k| PeerId(k as u32)).collect();
         std::thread::scope(|s| {
             let joins: Vec<_> = ids
                 .iter()
@@ -129,7 +129,7 @@ mod tests {
     #[test]
     fn shards_are_the_batch_in_order_one_per_device() {
         let batch = [10, 11, 12, 13, 14, 15, 16, 17];
-        let two = Peers { local: 2 };
+        let two = Peers { devices: 2 };
         assert_eq!(
             two.shards(&batch),
             vec![(0, &batch[0..4]), (1, &batch[4..8])]
@@ -140,9 +140,9 @@ mod tests {
 
     #[test]
     fn a_batch_that_does_not_split_is_refused() {
-        let three = Peers { local: 3 };
+        let three = Peers { devices: 3 };
         assert!(three.check(4).unwrap_err().contains("multiple of 3"));
         assert!(three.check(6).is_ok());
-        assert!(Peers { local: 0 }.check(4).is_err());
+        assert!(Peers { devices: 0 }.check(4).is_err());
     }
 }

@@ -342,7 +342,7 @@ impl<B: TrainKernels> Context<'_, B> {
         let Some(membership) = &self.membership else {
             return B::run(|| self.gradients_here(self.model, &batch, run));
         };
-        let scale = 1.0 / self.peers.local as f32;
+        let scale = 1.0 / self.peers.devices as f32;
         let len = Gradients::flat_len(&self.model.config, &self.budget, &run.adapters);
         let shards = self.peers.shards(&batch);
         let results: Vec<Result<Gradients, String>> = std::thread::scope(|s| {
