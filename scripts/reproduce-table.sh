@@ -202,5 +202,7 @@ if [ -n "$APPENDIX_METHODS" ]; then
 fi
 # Each mask-training run's report gets the table (not the recovery runs: other records).
 for run in "$WORK"/s*/maskprune.run "$WORK"/s*/maskprune-nonuniform.run; do
-  [ -f "$run/summary.json" ] && "$BIN" --quiet report "$run" --results "$RESULTS/table.md" > /dev/null
+  if [ -f "$run/summary.json" ]; then
+    "$BIN" --quiet report "$run" --results "$RESULTS/table.md" > /dev/null
+  fi
 done
