@@ -1,5 +1,6 @@
 //! Data-parallel `train-masks` on the tiny fixture: two CPU devices (two peers of burn's
-//! collective, each on half of every batch) against one device at the same global batch.
+//! collective, each on half of every batch) against one device at the same global batch, and
+//! a two-device run resumed on one device.
 
 mod common;
 
@@ -129,6 +130,27 @@ fn two_cpu_devices_match_one_device_at_the_same_global_batch() {
         assert_eq!(x["kept_attention"], y["kept_attention"]);
         assert_eq!(x["kept_channels"], y["kept_channels"]);
     }
+
+    // A two-device run stopped at update 15 (a NaN loss; its last checkpoint is update 10)
+    // and resumed on one device ends where the one-device run does, to rounding.
+    let switched = dir.join("switched");
+    let out = train(&calib, &config, &switched, &["--devices", "cpu,cpu"])
+        .env("MASKPRUNE_FAULT_NAN_STEP", "15")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the NaN hook did not stop the run");
+    run_ok(train(&calib, &config, &switched, &["--resume"]));
+    assert_eq!(common::log_records(&switched).len(), STEPS as usize);
+    assert_eq!(
+        std::fs::read_to_string(one.join("plan.json")).unwrap(),
+        std::fs::read_to_string(switched.join("plan.json")).unwrap(),
+        "resumed on one device: the plans differ"
+    );
+    let masks = masks_gap(&one, &switched);
+    assert!(
+        masks < 1e-3,
+        "resumed on one device: masks differ by {masks}"
+    );
 
     // A batch that does not split evenly is refused before anything runs.
     let out = train(
