@@ -155,23 +155,12 @@ impl WeightStore {
         let m = [rows, cols];
         let data = match entry.dtype {
             Dtype::BF16 => tensor(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
+                halves(bytes, half::bf16::from_le_bytes),
                 m,
                 transposed,
                 dims,
             ),
-            Dtype::F16 => tensor(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-                m,
-                transposed,
-                dims,
-            ),
+            Dtype::F16 => tensor(halves(bytes, half::f16::from_le_bytes), m, transposed, dims),
             _ => tensor(self.read_f32(name, shape)?, m, transposed, dims),
         };
         release_pages(map, entry.start, entry.end);
@@ -204,14 +193,8 @@ impl WeightStore {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Dtype::BF16 => halves(bytes, |b| half::bf16::from_le_bytes(b).to_f32()),
+            Dtype::F16 => halves(bytes, |b| half::f16::from_le_bytes(b).to_f32()),
             other => {
                 return Err(ModelError::new(
                     path,
@@ -224,6 +207,14 @@ impl WeightStore {
         release_pages(map, entry.start, entry.end);
         Ok(values)
     }
+}
+
+/// A 16-bit float type's little-endian values (bf16 or f16), each decoded by `decode`.
+fn halves<T>(bytes: &[u8], decode: impl Fn([u8; 2]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| decode([c[0], c[1]]))
+        .collect()
 }
 
 /// Drops the mapped pages wholly inside `start..end` from this process (the file is
