@@ -171,10 +171,17 @@ pub fn train_parallel<B: TrainKernels>(
     on_step: &mut dyn FnMut(&StepRecord),
 ) -> Result<TrainSummary, String> {
     let cfg = spec.config;
-    let model = &replicas[0];
     peers
         .check(cfg.train.batch)
         .map_err(|m| format!("{}: {m}", spec.run_dir.display()))?;
+    if replicas.len() != peers.devices {
+        return Err(format!(
+            "{} models for {} devices: one per device",
+            replicas.len(),
+            peers.devices
+        ));
+    }
+    let model = &replicas[0];
     let budget = Budget::new(
         &model.config,
         cfg.budget.granularity,
