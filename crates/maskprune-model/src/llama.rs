@@ -555,18 +555,19 @@ impl<B: Kernels> Llama<B> {
             let data = store.read_f32(name, &[len])?;
             Ok(Tensor::from_data(TensorData::new(data, [len]), device))
         };
-        // PyTorch stores Linear weights as [out, in]; we keep [in, out], in the checkpoint's
+        // A `[rows, cols]` matrix, transposed to `[cols, rows]` when asked, in the checkpoint's
         // dtype where the backend computes from it (see `Kernels::keeps_stored_dtype`).
-        let stored = B::keeps_stored_dtype();
-        let matrix = |name: &str, shape: [usize; 2]| -> Result<Tensor<B, 2>> {
-            let data = if stored {
-                store.read_stored(name, &shape, true)?
+        let matrix = |name: &str, shape: [usize; 2], transposed: bool| -> Result<Tensor<B, 2>> {
+            let data = if B::keeps_stored_dtype() {
+                store.read_stored(name, &shape, transposed)?
             } else {
                 let [rows, cols] = shape;
-                TensorData::new(
-                    transpose(&store.read_f32(name, &shape)?, rows, cols),
-                    [cols, rows],
-                )
+                let v = store.read_f32(name, &shape)?;
+                if transposed {
+                    TensorData::new(transpose(&v, rows, cols), [cols, rows])
+                } else {
+                    TensorData::new(v, shape)
+                }
             };
             Ok(in_its_dtype(data, device))
         };
@@ -575,7 +576,8 @@ impl<B: Kernels> Llama<B> {
             let weight_name = layer_tensor_name(layer, &format!("{}.weight", p.module()));
             let bias_name = layer_tensor_name(layer, &format!("{}.bias", p.module()));
             Ok(Linear {
-                weight: matrix(&weight_name, c.projection_shape(p))?,
+                // PyTorch stores Linear weights as [out, in]; we keep [in, out].
+                weight: matrix(&weight_name, c.projection_shape(p), true)?,
                 bias: bias.then(|| vector(&bias_name, d_out)).transpose()?,
             })
         };
@@ -640,17 +642,8 @@ impl<B: Kernels> Llama<B> {
             c.vocab_size,
             h,
         );
-        let embed_tokens = if stored {
-            in_its_dtype(
-                store.read_stored(EMBEDDINGS, &[c.vocab_size, h], false)?,
-                device,
-            )
-        } else {
-            let embed = store.read_f32(EMBEDDINGS, &[c.vocab_size, h])?;
-            Tensor::from_data(TensorData::new(embed, [c.vocab_size, h]), device)
-        };
         Ok(Self {
-            embed_tokens,
+            embed_tokens: matrix(EMBEDDINGS, [c.vocab_size, h], false)?,
             lm_head: Tensor::from_data(TensorData::new(lm_head, [h, c.vocab_size]), device),
             norm: norm(FINAL_NORM)?,
             layers,

@@ -26,34 +26,26 @@ impl Values {
             let start = t.layout().start_offset();
             start..start + t.layout().num_elements()
         };
-        let widened: Option<Vec<f32>> = match t.dtype() {
-            DType::BF16 => Some(
-                t.storage::<bf16>()[range]
-                    .iter()
-                    .map(|v| v.to_f32())
-                    .collect(),
-            ),
-            DType::F16 => Some(
-                t.storage::<f16>()[range]
-                    .iter()
-                    .map(|v| v.to_f32())
-                    .collect(),
-            ),
-            _ => None,
-        };
-        let t = match widened {
-            Some(values) => {
-                let shape = t.layout().shape().clone();
-                FlexTensor::from_data(TensorData::new(values, shape))
+        let widened: Vec<f32> = match t.dtype() {
+            DType::BF16 => t.storage::<bf16>()[range]
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            DType::F16 => t.storage::<f16>()[range]
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            _ => {
+                assert!(
+                    is_plain_f32(&t),
+                    "f32 tensors expected (got {:?})",
+                    t.dtype()
+                );
+                return Values(t);
             }
-            None => t,
         };
-        assert!(
-            is_plain_f32(&t),
-            "f32 tensors expected (got {:?})",
-            t.dtype()
-        );
-        Values(t)
+        let shape = t.layout().shape().clone();
+        Values(FlexTensor::from_data(TensorData::new(widened, shape)))
     }
 
     pub(super) fn of<const D: usize>(x: Tensor<Flex, D>) -> Self {
