@@ -11,7 +11,7 @@ use maskprune_model::Llama;
 use maskprune_surgery::rank::plan_from_scores;
 use maskprune_surgery::{uniform_widths, Granularity, PrunePlan};
 use maskprune_train::{
-    files, train_parallel, ConfigFile, Peers, RunSpec, TrainConfig, TrainSummary,
+    files, train_parallel, ConfigFile, Nodes, Peers, RunSpec, TrainConfig, TrainSummary,
 };
 
 use crate::backend::{dispatch_autodiff, dispatch_autodiff_on, AutodiffJob, DeviceArg, DeviceList};
@@ -60,6 +60,16 @@ pub struct TrainOptions {
     /// `cpu,cpu` or `cuda:0,cuda:1` (replaces --device).
     #[arg(long, conflicts_with = "device")]
     devices: Option<DeviceList>,
+    /// Train over this many processes (machines), each on an equal share of every batch; start
+    /// each with its own --node-rank and the same --coordinator and inputs.
+    #[arg(long, default_value_t = 1, requires = "coordinator")]
+    nodes: usize,
+    /// This process's place among --nodes (0 is the coordinator).
+    #[arg(long, default_value_t = 0, requires = "coordinator")]
+    node_rank: usize,
+    /// HOST:PORT node 0 listens on and the other nodes connect to.
+    #[arg(long)]
+    coordinator: Option<String>,
     /// Free (non-uniform) masks: set by `prune --method maskprune-nonuniform`, not a flag.
     #[arg(skip)]
     nonuniform: bool,
@@ -330,6 +340,11 @@ fn run_training(o: &TrainOptions, run_dir: &Path) -> anyhow::Result<TrainSummary
     };
     let peers = Peers {
         devices: o.devices().len(),
+        nodes: Nodes {
+            count: o.nodes,
+            rank: o.node_rank,
+            coordinator: o.coordinator.clone().unwrap_or_default(),
+        },
     };
     peers
         .check(config.train.batch)

@@ -1,6 +1,7 @@
 //! Data-parallel `train-masks` on the tiny fixture: two CPU devices (two peers of burn's
 //! collective, each on half of every batch) against one device at the same global batch, and
-//! a two-device run resumed on one device.
+//! a two-device run resumed on one device; two processes (nodes) over loopback against one
+//! process with two devices.
 
 mod common;
 
@@ -165,4 +166,91 @@ fn two_cpu_devices_match_one_device_at_the_same_global_batch() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("multiple of 3"), "{err}");
     assert!(!dir.join("three").exists());
+}
+
+/// A free TCP port on loopback, as `HOST:PORT`.
+fn free_address() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Starts one `train-masks` process per entry of `extra`, as node `k` of them, and waits for all.
+fn nodes(calib: &str, config: &str, dir: &Path, extra: &[&[&str]]) -> Vec<Output> {
+    let at = free_address();
+    let count = extra.len().to_string();
+    let children: Vec<_> = extra
+        .iter()
+        .enumerate()
+        .map(|(k, more)| {
+            let rank = k.to_string();
+            let mut cmd = train(calib, config, &dir.join(format!("node{k}")), more);
+            cmd.args([
+                "--nodes",
+                &count,
+                "--node-rank",
+                &rank,
+                "--coordinator",
+                &at,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+#[test]
+fn two_processes_over_loopback_match_one_process_with_two_devices() {
+    let dir = common::scratch("parallel", "nodes");
+    let (calib, config) = inputs(&dir);
+    let devices = dir.join("devices");
+    run_ok(train(&calib, &config, &devices, &["--devices", "cpu,cpu"]));
+    for out in nodes(&calib, &config, &dir, &[&[], &[]]) {
+        assert_success(&out);
+    }
+    // The same shards summed in the same order (a + b, one way or the other), and every node
+    // applies the same sum: bit for bit the two-device run's results, on both nodes (the
+    // adapters by value: their file's metadata order is a HashMap's).
+    for node in ["node0", "node1"] {
+        assert!(
+            adapters(&devices) == adapters(&dir.join(node)),
+            "{node}: the adapters differ from the two-device run's"
+        );
+        for file in ["plan.json", "masks.json"] {
+            assert!(
+                std::fs::read(devices.join(file)).unwrap()
+                    == std::fs::read(dir.join(node).join(file)).unwrap(),
+                "{node}/{file} differs from the two-device run's"
+            );
+        }
+        let (a, b) = (
+            common::log_records(&devices),
+            common::log_records(&dir.join(node)),
+        );
+        assert_eq!(a.len(), STEPS as usize);
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x["distill"], y["distill"], "step {}", x["step"]);
+        }
+    }
+
+    // A node started with another configuration is refused, in one line, on both sides.
+    let refused = dir.join("refused");
+    let outs = nodes(
+        &calib,
+        &config,
+        &refused,
+        &[&[], &["--set", "train.seed=1"]],
+    );
+    for out in outs {
+        assert!(!out.status.success(), "a mismatched node was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("node 1 has another model, configuration or calibration set"),
+            "{err}"
+        );
+    }
 }

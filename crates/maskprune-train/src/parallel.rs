@@ -4,21 +4,26 @@
 //! minimax and Adam update runs once on the sum.
 //!
 //! Against one device the sums inside each shard's matrix products run in another order,
-//! so the results agree to rounding, not bit for bit. Several processes (machines) are not
-//! supported: burn-collective 0.21.0's global all-reduce returns once and waits forever on
-//! its second call (see DEVELOPERS.md, "Data-parallel training").
+//! so the results agree to rounding, not bit for bit. Several processes (machines) each take
+//! an equal share of the batch first and sum over TCP ([`crate::nodes`]): burn-collective
+//! 0.21.0's own global all-reduce waits forever on its second call (DEVELOPERS.md,
+//! "Data-parallel training").
 
+use crate::nodes::Nodes;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_collective::{
     all_reduce, finish_collective, register, CollectiveConfig, PeerId, ReduceOperation,
 };
 
-/// The devices a run's batches are split over, one peer each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The devices a run's batches are split over, one peer each, in this process and, for a
+/// run over several processes, in each of the `nodes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peers {
-    /// How many devices (peers) take part.
+    /// How many devices (peers) of this process take part.
     pub devices: usize,
+    /// The processes taking part, each with as many devices.
+    pub nodes: Nodes,
 }
 
 impl Default for Peers {
@@ -30,12 +35,25 @@ impl Default for Peers {
 impl Peers {
     /// One device in one process: no collective at all.
     pub fn single() -> Self {
-        Peers { devices: 1 }
+        Peers::devices(1)
     }
 
-    /// Whether batches are split (more than one peer).
+    /// `devices` devices in one process.
+    pub fn devices(devices: usize) -> Self {
+        Peers {
+            devices,
+            nodes: Nodes::single(),
+        }
+    }
+
+    /// Whether this process splits its share of a batch over devices (more than one peer).
     pub fn is_parallel(&self) -> bool {
         self.devices > 1
+    }
+
+    /// Each device's share of the batch's gradients: `1 / (devices · nodes)`.
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.devices * self.nodes.count) as f32
     }
 
     /// Refuses a batch that does not split into equal shards.
@@ -43,18 +61,27 @@ impl Peers {
         if self.devices == 0 {
             return Err("no devices given".into());
         }
-        if !batch.is_multiple_of(self.devices) {
+        self.nodes.check()?;
+        let n = self.devices * self.nodes.count;
+        if !batch.is_multiple_of(n) {
+            let what = if self.nodes.count > 1 {
+                "one per device of each node"
+            } else {
+                "one per device"
+            };
             return Err(format!(
-                "train.batch = {batch} does not split into {n} equal shards (one per device); make it a multiple of {n}",
-                n = self.devices
+                "train.batch = {batch} does not split into {n} equal shards ({what}); make it a multiple of {n}"
             ));
         }
         Ok(())
     }
 
-    /// The shards of a batch: `(peer id, rows)` per device, in order.
+    /// This process's shards of a batch: `(peer id, rows)` per device, in order, from this
+    /// node's consecutive share of the batch.
     pub fn shards<'a>(&self, batch: &'a [usize]) -> Vec<(usize, &'a [usize])> {
-        let size = batch.len() / self.devices;
+        let share = batch.len() / self.nodes.count;
+        let batch = &batch[self.nodes.rank * share..(self.nodes.rank + 1) * share];
+        let size = share / self.devices;
         (0..self.devices)
             .map(|k| (k, &batch[k * size..(k + 1) * size]))
             .collect()
@@ -129,20 +156,34 @@ mod tests {
     #[test]
     fn shards_are_the_batch_in_order_one_per_device() {
         let batch = [10, 11, 12, 13, 14, 15, 16, 17];
-        let two = Peers { devices: 2 };
+        let two = Peers::devices(2);
         assert_eq!(
             two.shards(&batch),
             vec![(0, &batch[0..4]), (1, &batch[4..8])]
         );
         assert!(two.is_parallel());
         assert!(!Peers::single().is_parallel());
+        // The second of two nodes, with two devices: the batch's second half, halved.
+        let node = Peers {
+            devices: 2,
+            nodes: Nodes {
+                count: 2,
+                rank: 1,
+                coordinator: "127.0.0.1:1".into(),
+            },
+        };
+        assert_eq!(
+            node.shards(&batch),
+            vec![(0, &batch[4..6]), (1, &batch[6..8])]
+        );
+        assert_eq!(node.scale(), 0.25);
     }
 
     #[test]
     fn a_batch_that_does_not_split_is_refused() {
-        let three = Peers { devices: 3 };
+        let three = Peers::devices(3);
         assert!(three.check(4).unwrap_err().contains("multiple of 3"));
         assert!(three.check(6).is_ok());
-        assert!(Peers { devices: 0 }.check(4).is_err());
+        assert!(Peers::devices(0).check(4).is_err());
     }
 }

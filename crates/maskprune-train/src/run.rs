@@ -114,6 +114,17 @@ pub(crate) struct Provenance {
 }
 
 impl Provenance {
+    /// One string of every fingerprint: processes training one run must agree on it.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "{} {} {} {}",
+            self.weights_sha256,
+            self.config_sha256,
+            self.calibration_sha256,
+            self.teacher_sha256.as_deref().unwrap_or("-")
+        )
+    }
+
     /// Fingerprints of a run's inputs.
     pub fn new(
         weights_sha256: String,

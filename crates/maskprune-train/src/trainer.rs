@@ -28,6 +28,7 @@ use maskprune_records::{run::OverLayers, MaskSnapshot, MaskState};
 use crate::config::{MaskInit, TrainConfig};
 use crate::extract::Budget;
 use crate::minimax::{scheduled_target, MinimaxState, ATTENTION, CHANNELS};
+use crate::nodes::NodeLink;
 use crate::parallel::{Membership, Peers};
 use crate::run::{
     batch_rows, epoch_order, err, open_log, read_checkpoint, split_calibration, truncate_log,
@@ -78,6 +79,8 @@ struct Context<'a, B: TrainKernels> {
     peers: &'a Peers,
     /// The peers' registration with the collective, for a data-parallel run.
     membership: Option<Membership<B::InnerBackend>>,
+    /// The other processes, for a run over several nodes.
+    link: Option<Mutex<NodeLink>>,
     spec: &'a RunSpec<'a>,
     budget: Budget,
     train_idx: Vec<usize>,
@@ -199,11 +202,12 @@ pub fn train_parallel<B: TrainKernels>(
     } else {
         None
     };
-    let cx = Context {
+    let mut cx = Context {
         model,
         replicas,
         peers,
         membership,
+        link: None,
         spec,
         budget,
         first_epoch: epoch_order(&train_idx, cfg.train.seed, 0),
@@ -218,6 +222,10 @@ pub fn train_parallel<B: TrainKernels>(
     } else {
         cx.start(&store)?
     };
+    if peers.nodes.count > 1 {
+        let link = peers.nodes.join(&cx.provenance.fingerprint(), run.step)?;
+        cx.link = Some(Mutex::new(link));
+    }
     let log_path = spec.run_dir.join(files::LOG);
     let mut log = open_log(&log_path)?;
     let mut last_checkpoint = run.step;
@@ -342,16 +350,45 @@ impl<B: TrainKernels> Context<'_, B> {
 
     /// The teacher's hidden states, the masked student with adapters, the loss and its
     /// gradients for the batch of update `run.step`, on the backend's worker pool; for a
-    /// data-parallel run, each peer's shard on its own device, summed over the peers.
+    /// data-parallel run, each peer's shard on its own device, summed over the peers, and
+    /// over the nodes for a run of several processes.
     fn gradients(&self, run: &Progress) -> Result<Gradients, String> {
         let cfg = self.cfg();
         let batch = batch_rows(&self.train_idx, cfg.train.batch, cfg.train.seed, run.step);
-        let Some(membership) = &self.membership else {
-            return B::run(|| self.gradients_here(self.model, &batch, run));
-        };
-        let scale = 1.0 / self.peers.devices as f32;
         let len = Gradients::flat_len(&self.model.config, &self.budget, &run.adapters);
         let shards = self.peers.shards(&batch);
+        let own = match &self.membership {
+            None => B::run(|| self.gradients_here(self.model, shards[0].1, run)),
+            Some(membership) => self.gradients_of_devices(membership, shards, len, run),
+        };
+        let Some(link) = &self.link else {
+            return own;
+        };
+        // This node's share, summed with the other nodes'; a node that failed still sends
+        // (NaNs), or the others would wait for it.
+        let scale = if self.peers.is_parallel() {
+            1.0 // the devices' sum is already scaled
+        } else {
+            self.peers.scale()
+        };
+        let values = match &own {
+            Ok(g) => g.flatten(scale),
+            Err(_) => vec![f32::NAN; len],
+        };
+        let summed = link.lock().expect("node link").sum(values)?;
+        own.map(|g| g.unflatten(&summed))
+    }
+
+    /// This process's shards, one per device, each peer on its own thread, summed by
+    /// burn-collective's all-reduce.
+    fn gradients_of_devices(
+        &self,
+        membership: &Membership<B::InnerBackend>,
+        shards: Vec<(usize, &[usize])>,
+        len: usize,
+        run: &Progress,
+    ) -> Result<Gradients, String> {
+        let scale = self.peers.scale();
         let results: Vec<Result<Gradients, String>> = std::thread::scope(|s| {
             let peers: Vec<_> = self
                 .replicas
