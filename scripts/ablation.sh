@@ -6,14 +6,20 @@
 # calibration never reads (it draws from documents 1,100-1,999), the same text for every
 # variant whatever its calibration settings — the run's own held-out KL before and after
 # extraction, and, for information only, WikiText-2 perplexity (first 1,024 windows).
+# With TUNE=1 the pruned model also goes through the table's recovery fine-tuning
+# (`maskprune finetune --teacher MODEL`, defaults, as scripts/reproduce-table.sh runs it) and
+# the recovered model gets the same two perplexities (and PTB, for information): the plan that
+# matters is the one that recovers best.
 #
 #   scripts/ablation.sh ROW [prune flags...]      # e.g. packed --set calibration.packed=true
-#   scripts/ablation.sh --table                   # the ablation table of the finished rows
+#   scripts/ablation.sh --table [--tuned]         # the ablation table of the finished rows
+#                                                 # (--tuned: the rows' recovered models)
 #
 # Rows go to RESULTS/ablation-<pct>/ROW/ (row.json, summary.json, c4.json, wikitext2.json); models
 # to WORK/ablation-<pct>/ROW. Environment: MODEL, NAME (smollm2-135m), SPARSITY (30), METHOD
 # (maskprune, maskprune-nonuniform, or a one-shot baseline such as flap with
-# `--widths-from` a MaskPrune row's plan.json, for reference), MASKPRUNE_BIN, WORK, RESULTS, PPL_WINDOWS (1024).
+# `--widths-from` a MaskPrune row's plan.json, for reference), MASKPRUNE_BIN, WORK, RESULTS, PPL_WINDOWS (1024),
+# TUNE (0; 1 adds the recovery).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${NAME:-smollm2-135m}
@@ -21,7 +27,7 @@ PCT=${SPARSITY:-30}
 RESULTS=${RESULTS:-results/$NAME}
 DIR=$RESULTS/ablation-$PCT
 if [ "${1:-}" = "--table" ]; then
-  python3 - "$DIR" <<'PY'
+  python3 - "$DIR" "${@:2}" <<'PY'
 import json, os, sys
 root = sys.argv[1]
 rows = []
@@ -34,12 +40,28 @@ for name in sorted(os.listdir(root)):
         w = json.load(open(os.path.join(d, "wikitext2.json")))["result"]["ppl"]
     except FileNotFoundError:
         continue
-    rows.append((row, s, c4, w))
+    tuned = None
+    try:
+        t = json.load(open(os.path.join(d, "tuned.json")))
+        tuned = (t, *(json.load(open(os.path.join(d, f"tuned-{k}.json")))["result"]["ppl"]
+                      for k in ("c4", "wikitext2", "ptb")))
+    except FileNotFoundError:
+        pass
+    rows.append((row, s, c4, w, tuned))
 rows.sort(key=lambda r: r[0]["started"])
 kl = lambda v: "—" if v is None else f"{v:.4f}"
+tuned_rows = [r for r in rows if r[4] is not None]
+if "--tuned" in sys.argv[2:]:
+    print("| row | method | flags | tokens (pruning + recovery) | recovery wall time | held-out C4 ppl before → after recovery (selection) | WikiText-2 after (not for selection) | PTB after (not for selection) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row, s, c4, w, (t, tc4, tw, tp) in tuned_rows:
+        print(f"| {row['row']} | {row['method']} | `{' '.join(row['flags']) or '(config)'}` | "
+              f"{row['tokens'] / 1e6:.2f}M + {t['tokens'] / 1e6:.2f}M | {t['seconds'] / 60:.1f} min | "
+              f"{c4:.2f} → {tc4:.2f} | {tw:.2f} | {tp:.2f} |")
+    sys.exit(0)
 print("| row | method | flags | tokens | wall time | widths (q/kv/MLP) | run's held-out KL before → after extraction | held-out C4 ppl (selection) | WikiText-2 (not for selection) |")
 print("|---|---|---|---|---|---|---|---|---|")
-for row, s, c4, w in rows:
+for row, s, c4, w, _ in rows:
     wd = s["widths"]
     print(f"| {row['row']} | {row['method']} | `{' '.join(row['flags']) or '(config)'}` | {row['tokens'] / 1e6:.2f}M | "
           f"{row['seconds'] / 60:.1f} min | {wd['query_heads']}/{wd['kv_heads']}/{wd['channels']} | "
@@ -47,7 +69,7 @@ for row, s, c4, w in rows:
 PY
   exit 0
 fi
-ROW=${1:?usage: scripts/ablation.sh ROW [prune flags...] | --table}
+ROW=${1:?usage: scripts/ablation.sh ROW [prune flags...] | --table [--tuned]}
 shift
 if [ -z "${MASKPRUNE_BIN:-}" ]; then
   cargo build --quiet --release -p maskprune-cli
@@ -90,3 +112,23 @@ fi
 [ -f "$row/wikitext2.json" ] || "$BIN" eval ppl --quiet --model "$out" --dataset wikitext2 \
   --seq-len 128 --max-windows "${PPL_WINDOWS:-1024}" --json "$row/wikitext2.json"
 python3 -c "import json,sys; print(sys.argv[1], 'C4', json.load(open(sys.argv[2]))['result']['ppl'], 'WikiText-2', json.load(open(sys.argv[3]))['result']['ppl'])" "$ROW" "$row/c4.json" "$row/wikitext2.json"
+[ "${TUNE:-0}" = 1 ] || exit 0
+tuned=$out-tuned
+if [ ! -f "$row/tuned.json" ]; then
+  start=$(date +%s)
+  "$BIN" finetune --model "$out" --teacher "$MODEL" --out "$tuned" --run-dir "$tuned.run" \
+    --overwrite --overwrite-run
+  python3 - "$row/tuned.json" "$tuned.run/summary.json" "$start" "$(date +%s)" "$("$BIN" --version)" <<'PY'
+import json, sys
+path, summary, start, end, version = sys.argv[1:]
+out = {"seconds": int(end) - int(start), "tokens": json.load(open(summary))["tokens"], "version": version}
+json.dump(out, open(path, "w"), indent=2)
+PY
+fi
+for ds in c4 wikitext2 ptb; do
+  windows=()
+  [ $ds = c4 ] || windows=(--max-windows "${PPL_WINDOWS:-1024}")
+  [ -f "$row/tuned-$ds.json" ] || "$BIN" eval ppl --quiet --model "$tuned" --dataset $ds \
+    --seq-len 128 "${windows[@]}" --json "$row/tuned-$ds.json"
+done
+python3 -c "import json,sys; print(sys.argv[1], 'recovered: C4', *[json.load(open(f'{sys.argv[2]}/tuned-{k}.json'))['result']['ppl'] for k in ('c4',)], 'WikiText-2', json.load(open(f'{sys.argv[2]}/tuned-wikitext2.json'))['result']['ppl'], 'PTB', json.load(open(f'{sys.argv[2]}/tuned-ptb.json'))['result']['ppl'])" "$ROW" "$row"
