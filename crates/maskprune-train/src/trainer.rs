@@ -139,6 +139,15 @@ impl Gradients {
             .collect()
     }
 
+    /// What a peer or node contributes to a sum: its values times `scale`, or `len` NaNs when
+    /// it failed — the others still wait for its share, and the NaN loss stops them all.
+    fn share(own: &Result<Gradients, String>, scale: f32, len: usize) -> Vec<f32> {
+        match own {
+            Ok(g) => g.flatten(scale),
+            Err(_) => vec![f32::NAN; len],
+        }
+    }
+
     /// This batch's layout filled with `flat`'s values (as [`Gradients::flatten`] lays them out).
     fn unflatten(&self, flat: &[f32]) -> Gradients {
         let mut values = flat.iter().copied();
@@ -364,17 +373,13 @@ impl<B: TrainKernels> Context<'_, B> {
         let Some(link) = &self.link else {
             return own;
         };
-        // This node's share, summed with the other nodes'; a node that failed still sends
-        // (NaNs), or the others would wait for it.
+        // This node's share, summed with the other nodes'.
         let scale = if self.peers.is_parallel() {
             1.0 // the devices' sum is already scaled
         } else {
             self.peers.scale()
         };
-        let values = match &own {
-            Ok(g) => g.flatten(scale),
-            Err(_) => vec![f32::NAN; len],
-        };
+        let values = Gradients::share(&own, scale, len);
         let summed = link.lock().expect("node link").sum(values)?;
         own.map(|g| g.unflatten(&summed))
     }
@@ -399,11 +404,7 @@ impl<B: TrainKernels> Context<'_, B> {
                         // The pool serves one caller at a time: leave it before the
                         // all-reduce, which waits for the other peers' shards.
                         let own = B::run(|| self.gradients_here(model, rows, run));
-                        let values = match &own {
-                            Ok(g) => g.flatten(scale),
-                            // The others still wait for this peer's share: send NaNs.
-                            Err(_) => vec![f32::NAN; len],
-                        };
+                        let values = Gradients::share(&own, scale, len);
                         let summed = membership.sum(id, values, &model.device())?;
                         own.map(|g| g.unflatten(&summed))
                     })
