@@ -12,6 +12,7 @@
 # matters is the one that recovers best.
 #
 #   scripts/ablation.sh ROW [prune flags...]      # e.g. packed --set calibration.packed=true
+#   PLAN=plan.json scripts/ablation.sh ROW        # a given plan, no adapters (surgery)
 #   scripts/ablation.sh --table [--tuned]         # the ablation table of the finished rows
 #                                                 # (--tuned: the rows' recovered models)
 #
@@ -19,7 +20,8 @@
 # to WORK/ablation-<pct>/ROW. Environment: MODEL, NAME (smollm2-135m), SPARSITY (30), METHOD
 # (maskprune, maskprune-nonuniform, or a one-shot baseline such as flap with
 # `--widths-from` a MaskPrune row's plan.json, for reference), MASKPRUNE_BIN, WORK, RESULTS, PPL_WINDOWS (1024),
-# TUNE (0; 1 adds the recovery).
+# TUNE (0; 1 adds the recovery), PLAN (a plan.json: cut the dense weights to it with `surgery`
+# instead of running `prune`, so the row measures a given plan without mask-training adapters).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${NAME:-smollm2-135m}
@@ -81,6 +83,23 @@ METHOD=${METHOD:-maskprune}
 out=$WORK/$ROW
 row=$DIR/$ROW
 mkdir -p "$WORK" "$row"
+if [ -n "${PLAN:-}" ] && [ ! -f "$out/maskprune.json" ]; then
+  start=$(date +%s)
+  mkdir -p "$out.run"
+  cp "$PLAN" "$out.run/plan.json"
+  "$BIN" surgery --quiet --model "$MODEL" --plan "$out.run/plan.json" --out "$out" --overwrite
+  python3 - "$row" "$ROW" "$out.run/plan.json" "$PLAN" "$start" "$(date +%s)" "$("$BIN" --version)" <<'PY'
+import json, os, sys
+row, name, plan, source, start, end, version = sys.argv[1:]
+layer = json.load(open(plan))["layers"][0]
+summary = {"train_seconds": 0, "loss_before_extraction": None, "loss_after_extraction": None,
+           "widths": {k: len(layer[k]) for k in ("query_heads", "kv_heads", "channels")}}
+out = {"row": name, "method": "plan", "flags": [f"PLAN={source}"], "started": int(start),
+       "seconds": int(end) - int(start), "train_seconds": 0, "tokens": 0, "version": version}
+json.dump(out, open(os.path.join(row, "row.json"), "w"), indent=2)
+json.dump(summary, open(os.path.join(row, "summary.json"), "w"), indent=2)
+PY
+fi
 if [ ! -f "$out/maskprune.json" ]; then
   start=$(date +%s)
   "$BIN" prune --method "$METHOD" --config "configs/$NAME-$PCT.toml" --model "$MODEL" \
