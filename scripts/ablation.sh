@@ -83,42 +83,35 @@ METHOD=${METHOD:-maskprune}
 out=$WORK/$ROW
 row=$DIR/$ROW
 mkdir -p "$WORK" "$row"
-if [ -n "${PLAN:-}" ] && [ ! -f "$out/maskprune.json" ]; then
-  start=$(date +%s)
-  mkdir -p "$out.run"
-  cp "$PLAN" "$out.run/plan.json"
-  "$BIN" surgery --quiet --model "$MODEL" --plan "$out.run/plan.json" --out "$out" --overwrite
-  python3 - "$row" "$ROW" "$out.run/plan.json" "$PLAN" "$start" "$(date +%s)" "$("$BIN" --version)" <<'PY'
-import json, os, sys
-row, name, plan, source, start, end, version = sys.argv[1:]
-layer = json.load(open(plan))["layers"][0]
-summary = {"train_seconds": 0, "loss_before_extraction": None, "loss_after_extraction": None,
-           "widths": {k: len(layer[k]) for k in ("query_heads", "kv_heads", "channels")}}
-out = {"row": name, "method": "plan", "flags": [f"PLAN={source}"], "started": int(start),
-       "seconds": int(end) - int(start), "train_seconds": 0, "tokens": 0, "version": version}
-json.dump(out, open(os.path.join(row, "row.json"), "w"), indent=2)
-json.dump(summary, open(os.path.join(row, "summary.json"), "w"), indent=2)
-PY
-fi
 if [ ! -f "$out/maskprune.json" ]; then
   start=$(date +%s)
-  "$BIN" prune --method "$METHOD" --config "configs/$NAME-$PCT.toml" --model "$MODEL" \
-    --out "$out" --run-dir "$out.run" --overwrite --overwrite-run "$@"
-  python3 - "$row" "$ROW" "$METHOD" "$out.run" "$start" "$(date +%s)" "$("$BIN" --version)" "$@" <<'PY'
+  if [ -n "${PLAN:-}" ]; then
+    mkdir -p "$out.run"
+    cp "$PLAN" "$out.run/plan.json"
+    "$BIN" surgery --quiet --model "$MODEL" --plan "$out.run/plan.json" --out "$out" --overwrite
+    method=plan flags=("PLAN=$PLAN")
+  else
+    "$BIN" prune --method "$METHOD" --config "configs/$NAME-$PCT.toml" --model "$MODEL" \
+      --out "$out" --run-dir "$out.run" --overwrite --overwrite-run "$@"
+    method=$METHOD flags=("$@")
+  fi
+  python3 - "$row" "$ROW" "$method" "$out.run" "$start" "$(date +%s)" "$("$BIN" --version)" "${flags[@]}" <<'PY'
 import json, os, sys, tomllib
 row, name, method, run, start, end, version, *flags = sys.argv[1:]
-config = tomllib.load(open(os.path.join(run, "config.toml"), "rb"))
-calibration = json.load(open(os.path.join(run, "calibration.json")))
-seq_len = calibration["seq_len"]
 if os.path.exists(os.path.join(run, "summary.json")):
     summary = json.load(open(os.path.join(run, "summary.json")))
+    config = tomllib.load(open(os.path.join(run, "config.toml"), "rb"))
+    seq_len = json.load(open(os.path.join(run, "calibration.json")))["seq_len"]
     tokens = summary["steps"] * config["train"]["batch"] * seq_len
 else:
-    # A one-shot baseline: no training; it reads its calibration windows once.
+    # A one-shot baseline reads its calibration windows once; a given plan (PLAN) reads none.
     layer = json.load(open(os.path.join(run, "plan.json")))["layers"][0]
     summary = {"train_seconds": 0, "loss_before_extraction": None, "loss_after_extraction": None,
                "widths": {k: len(layer[k]) for k in ("query_heads", "kv_heads", "channels")}}
-    tokens = len(calibration["samples"]) * seq_len
+    tokens = 0
+    if os.path.exists(os.path.join(run, "calibration.json")):
+        calibration = json.load(open(os.path.join(run, "calibration.json")))
+        tokens = len(calibration["samples"]) * calibration["seq_len"]
 out = {"row": name, "method": method, "flags": flags, "started": int(start),
        "seconds": int(end) - int(start), "train_seconds": summary["train_seconds"],
        "tokens": tokens, "version": version}
