@@ -10,7 +10,7 @@ use maskprune_surgery::{
     decoder_linear_params, prune_checkpoint_with_lora, Granularity, PrunePlan,
 };
 use maskprune_tests::*;
-use maskprune_train::{files, train, Adapters, ConfigFile, RunSpec, TrainConfig};
+use maskprune_train::{files, train, Adapters, ConfigFile, RunSpec, TrainConfig, TrainSummary};
 
 type AD = Autodiff<B>;
 
@@ -51,16 +51,17 @@ fn check(granularity: &str, init: &str) {
 
 /// Trains with `extra` overrides; returns the log's records.
 fn check_with(granularity: &str, init: &str, extra: &[&str]) -> Vec<serde_json::Value> {
-    check_model("tiny-llama", granularity, init, extra)
+    check_model("tiny-llama", granularity, init, extra).0
 }
 
-/// Trains the fixture `name` with `extra` overrides; returns the log's records.
+/// Trains the fixture `name` with `extra` overrides; returns the log's records and the
+/// summary.
 fn check_model(
     name: &str,
     granularity: &str,
     init: &str,
     extra: &[&str],
-) -> Vec<serde_json::Value> {
+) -> (Vec<serde_json::Value>, TrainSummary) {
     let src = fixtures().join(name);
     let cfg = config(granularity, init, extra);
     let calib = random_calibration(24, 16);
@@ -166,9 +167,11 @@ fn check_model(
         with < 0.99 * without,
         "KL to the teacher {with} with the adapters, {without} without"
     );
-    log.lines()
+    let records = log
+        .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+        .collect();
+    (records, summary)
 }
 
 #[test]
@@ -210,6 +213,57 @@ fn kv_group_training_gives_a_uniform_plan_and_exact_surgery() {
 #[test]
 fn query_head_training_gives_a_uniform_plan_and_exact_surgery() {
     check("query_head", "magnitude");
+}
+
+#[test]
+fn committed_updates_train_at_the_extracted_widths() {
+    for granularity in ["kv_group", "query_head"] {
+        let (log, summary) = check_model(
+            "tiny-llama",
+            granularity,
+            "magnitude",
+            &["train.commit_steps=10"],
+        );
+        assert_eq!(summary.committed_steps, 10);
+        assert_eq!(summary.rounding.len(), 1, "{:?}", summary.rounding);
+        let w = summary.widths;
+        let attention = match granularity {
+            "kv_group" => w.kv_heads,
+            _ => w.query_heads,
+        };
+        let counts = |r: &serde_json::Value, key: &str| -> Vec<u64> {
+            r[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
+        };
+        // Every layer keeps exactly the extracted widths over the last 10 updates ...
+        for r in &log[20..] {
+            assert!(
+                counts(r, "kept_attention")
+                    .iter()
+                    .all(|&k| k == attention as u64)
+                    && counts(r, "kept_channels")
+                        .iter()
+                        .all(|&k| k == w.channels as u64),
+                "{granularity}: update {} keeps {:?} / {:?}, extraction {w:?}",
+                r["step"],
+                r["kept_attention"],
+                r["kept_channels"]
+            );
+        }
+        // ... not before: the thresholds of the warm-up keep more channels than that.
+        assert!(counts(&log[5], "kept_channels")
+            .iter()
+            .any(|&k| k != w.channels as u64));
+        // So extraction changes nothing the run trained.
+        assert_eq!(
+            summary.loss_before_extraction, summary.loss_after_extraction,
+            "{granularity}"
+        );
+    }
 }
 
 /// Mean over positions of KL(teacher ‖ student) from flat logits, `vocab` per position.

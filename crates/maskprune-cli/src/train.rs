@@ -32,7 +32,8 @@ pub struct TrainOptions {
     /// Calibration set from `maskprune calib` (default: drawn as the config's [calibration] says).
     #[arg(long)]
     calib: Option<PathBuf>,
-    /// Cut the schedule to this many updates (the warm-up shrinks in proportion).
+    /// Cut the schedule to this many updates (the warm-up and committed updates shrink in
+    /// proportion).
     #[arg(long)]
     max_steps: Option<u64>,
     /// Fraction of the decoder layers' linear parameters to remove (replaces the config's budget).

@@ -125,6 +125,44 @@ fn every_method_prunes_to_maskprunes_widths() {
 }
 
 #[test]
+fn committed_nonuniform_updates_keep_the_extracted_counts() {
+    let dir = scratch("nonuniform-committed");
+    prune(
+        &dir,
+        "maskprune-nonuniform",
+        &["--set", "train.commit_steps=2"],
+    );
+    let run = dir.join("maskprune-nonuniform.run");
+    let summary = json(&run.join("summary.json"));
+    assert_eq!(summary["committed_steps"], 2);
+    assert_eq!(
+        summary["loss_before_extraction"], summary["loss_after_extraction"],
+        "extraction changed what the committed updates trained"
+    );
+    let kept = |key: &str| -> Vec<u64> {
+        summary["nonuniform_kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l[key].as_u64().unwrap())
+            .collect()
+    };
+    let (attention, channels) = (kept("attention"), kept("channels"));
+    for r in &common::log_records(&run)[4..] {
+        let counts = |key: &str| -> Vec<u64> {
+            r[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(counts("kept_attention"), attention, "update {}", r["step"]);
+        assert_eq!(counts("kept_channels"), channels, "update {}", r["step"]);
+    }
+}
+
+#[test]
 fn the_nonuniform_ablation_is_a_masked_checkpoint_within_the_budget() {
     let dir = scratch("nonuniform");
     let out = prune(&dir, "maskprune-nonuniform", &[]);

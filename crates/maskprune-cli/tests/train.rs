@@ -1,7 +1,7 @@
 //! `maskprune train-masks` / `prune` on the tiny fixture: a run killed with SIGKILL ten times
-//! (once while writing a checkpoint) and resumed each time ends bit-identical to an
-//! uninterrupted one; resume refuses a corrupt checkpoint or other inputs; bad training
-//! inputs are one-line errors.
+//! (once while writing a checkpoint) and resumed each time, across the commit to the
+//! extracted widths, ends bit-identical to an uninterrupted one; resume refuses a corrupt
+//! checkpoint or other inputs; bad training inputs are one-line errors.
 
 mod common;
 
@@ -34,6 +34,11 @@ fn logged(run: &Path) -> usize {
 fn a_run_killed_ten_times_and_resumed_is_bit_identical_to_an_uninterrupted_one() {
     let dir = scratch("resume");
     let (calib, config) = inputs(&dir, 200, 288);
+    // The last 40 updates at the extracted widths: kills land before, across and after the
+    // commit (update 160), and the resumed run must choose the same widths.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("commit_steps = 40\n");
+    std::fs::write(&config, text).unwrap();
     let s = |p: &Path| p.display().to_string();
     let (calib, config, model) = (s(&calib), s(&config), s(&fixture()));
     let (full, killed) = (dir.join("full"), dir.join("killed"));
@@ -137,6 +142,9 @@ fn a_run_killed_ten_times_and_resumed_is_bit_identical_to_an_uninterrupted_one()
     let log_killed = common::log_records(&killed);
     assert_eq!(log_killed.len(), 200);
     assert_eq!(common::log_records(&full), log_killed, "the logs differ");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["committed_steps"], 40, "the run never committed");
 }
 
 #[test]

@@ -177,6 +177,10 @@ pub struct TrainSummary {
     /// is the rounded mean and the parameters are those of the masked units).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonuniform_kept: Option<Vec<LayerCounts>>,
+    /// Updates trained at the extracted widths (`train.commit_steps`); then `rounding` holds
+    /// the committed rounding alone and the extraction gap is zero by construction.
+    #[serde(default)]
+    pub committed_steps: u64,
 }
 
 /// The final minimax state (`masks.json`): per kind, layer and unit.

@@ -225,9 +225,13 @@ fn summary_lines(run: &Path) -> Vec<String> {
             s.decoder_linear[2]
         ),
         format!(
-            "- {} updates in {:.0} s; held-out KL {:.4} before extraction, {:.4} after (dense with the adapters: {:.4})",
+            "- {} updates in {:.0} s{}; held-out KL {:.4} before extraction, {:.4} after (dense with the adapters: {:.4})",
             s.steps,
             s.train_seconds,
+            match s.committed_steps {
+                0 => String::new(),
+                n => format!(" (the last {n} at the extracted widths)"),
+            },
             s.loss_before_extraction,
             s.loss_after_extraction,
             s.loss_dense_with_lora
@@ -377,6 +381,7 @@ mod tests {
             rounding: vec![(widths, 0.5)],
             loss_dense_with_lora: 0.125,
             nonuniform_kept: None,
+            committed_steps: 0,
         };
         std::fs::write(
             run.join(files::SUMMARY),

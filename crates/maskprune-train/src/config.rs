@@ -109,6 +109,11 @@ pub struct TrainSettings {
     pub batch: usize,
     /// Updates over which the budget moves from dense to the target.
     pub warmup_steps: u64,
+    /// The last this many updates train at the extraction's integer widths: the rounding of
+    /// `s` is chosen then (as at the end, on the held-out windows) and every layer keeps
+    /// exactly the units extraction would keep, so masks and adapters adapt to the model
+    /// surgery cuts. 0: extract only at the end.
+    pub commit_steps: u64,
     /// Distillation temperature.
     pub temperature: f64,
     /// Weight of the next-token loss added to the distillation loss.
@@ -136,6 +141,7 @@ impl Default for TrainSettings {
             steps: 300,
             batch: 4,
             warmup_steps: 150,
+            commit_steps: 0,
             temperature: 1.0,
             ntp_weight: 0.0,
             hidden_distill_weight: 0.0,
@@ -217,11 +223,13 @@ impl TrainConfig {
         Self::parse(&text, overrides).map_err(|m| format!("{}: {m}", path.display()))
     }
 
-    /// Cuts the schedule to `max_steps` updates; the warm-up shrinks in proportion.
+    /// Cuts the schedule to `max_steps` updates; the warm-up and the committed updates
+    /// shrink in proportion.
     pub fn cut_to(&mut self, max_steps: u64) {
         if max_steps < self.train.steps {
-            self.train.warmup_steps = (self.train.warmup_steps as u128 * max_steps as u128
-                / self.train.steps as u128) as u64;
+            let scale = |n: u64| (n as u128 * max_steps as u128 / self.train.steps as u128) as u64;
+            self.train.warmup_steps = scale(self.train.warmup_steps);
+            self.train.commit_steps = scale(self.train.commit_steps);
             self.train.steps = max_steps;
         }
     }
@@ -292,6 +300,13 @@ impl ConfigFile for TrainConfig {
                 t.warmup_steps, t.steps
             ));
         }
+        if t.commit_steps > 0 && t.warmup_steps + t.commit_steps > t.steps {
+            return Err(format!(
+                "train.commit_steps ({}) overlaps the warm-up: it must be at most train.steps - train.warmup_steps ({})",
+                t.commit_steps,
+                t.steps - t.warmup_steps
+            ));
+        }
         self.lora.check_targets()?;
         Ok(())
     }
@@ -307,6 +322,7 @@ mod tests {
             "[budget]\nsparsity = 0.5\n",
             &[
                 "train.steps=400".into(),
+                "train.commit_steps=100".into(),
                 "budget.granularity=query_head".into(),
             ],
         )
@@ -316,7 +332,10 @@ mod tests {
         assert_eq!(c.lora.rank, 8);
         let mut c = c;
         c.cut_to(100);
-        assert_eq!((c.train.steps, c.train.warmup_steps), (100, 37));
+        assert_eq!(
+            (c.train.steps, c.train.warmup_steps, c.train.commit_steps),
+            (100, 37, 25)
+        );
     }
 
     #[test]
@@ -349,6 +368,11 @@ mod tests {
                 "[budget]\nsparsity = 0.5\n",
                 vec!["budget.granularity=heads"],
                 "`heads`",
+            ),
+            (
+                "[budget]\nsparsity = 0.5\n",
+                vec!["train.commit_steps=200"],
+                "train.commit_steps (200) overlaps the warm-up",
             ),
             ("[budget\n", vec![], ""),
         ] {

@@ -8,6 +8,7 @@
 //! layer and `μ` the parameter budget `p(r) ≤ p_target` (fractions of the dense
 //! decoder-layer linear parameters).
 
+use maskprune_surgery::Widths;
 use serde::{Deserialize, Serialize};
 
 /// Index of attention units in the per-kind arrays.
@@ -84,6 +85,24 @@ pub struct MinimaxState {
     pub grad_sq: [f64; 2],
     /// Updates applied so far.
     pub updates: u64,
+    /// The integer widths of the last updates (`train.commit_steps`), once chosen: from then
+    /// on the masks keep exactly the units extraction keeps, and only `z` moves.
+    #[serde(default)]
+    pub committed: Option<Committed>,
+}
+
+/// The integer widths a run trains at once committed (see `train.commit_steps`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Committed {
+    /// Every layer keeps these widths (MaskPrune).
+    Uniform(Widths),
+    /// This many attention units over all layers, the MLP channels the budget leaves (the
+    /// non-uniform ablation).
+    Nonuniform {
+        /// Attention units kept over all layers.
+        attention_total: usize,
+    },
 }
 
 /// What one update did (for the log).
@@ -118,6 +137,7 @@ impl MinimaxState {
             mu: 0.0,
             grad_sq: [0.0, 0.0],
             updates: 0,
+            committed: None,
         }
     }
 
@@ -165,8 +185,15 @@ impl MinimaxState {
         rates: &MinimaxRates,
         target_fraction: f64,
     ) -> UpdateStats {
+        self.step_masks(grads, rates);
+        self.update_duals(kinds, rates, target_fraction)
+    }
+
+    /// The primal step alone: `z` moves along the normalised gradient with momentum (the
+    /// prox is lazy, applied by [`MinimaxState::masks`]); each layer is rescaled to mean
+    /// `|z|` = 1. A committed run takes only this step.
+    pub fn step_masks(&mut self, grads: &[Vec<Vec<f32>>; 2], rates: &MinimaxRates) {
         self.updates += 1;
-        // Primal step on m: normalised gradient with momentum, then the (lazy) prox.
         for (t, grads) in grads.iter().enumerate() {
             let (sum_sq, count) = grads.iter().flatten().fold((0.0f64, 0usize), |(s, n), &g| {
                 (s + (g as f64).powi(2), n + 1)
@@ -192,6 +219,15 @@ impl MinimaxState {
                 z.iter_mut().for_each(|v| *v = (*v as f64 / mean) as f32);
             }
         }
+    }
+
+    /// The dual steps on `y` and `μ` and the descent on the widths after a primal step.
+    fn update_duals(
+        &mut self,
+        kinds: &[UnitKind; 2],
+        rates: &MinimaxRates,
+        target_fraction: f64,
+    ) -> UpdateStats {
         // Dual ascent on y. Its step is chosen by a line search on the constraint: y moves a
         // fraction `dual_lr` of the way to y* = τ*²/(2η), where τ* is the threshold at which
         // the layer keeps exactly round(s) units. The

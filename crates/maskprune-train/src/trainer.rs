@@ -23,11 +23,11 @@ use serde::{Deserialize, Serialize};
 
 use maskprune_baselines::{activation_scores, Method};
 use maskprune_model::Kernels;
-use maskprune_records::{run::OverLayers, MaskSnapshot, MaskState};
+use maskprune_records::{run::OverLayers, LayerCounts, MaskSnapshot, MaskState};
 
 use crate::config::{MaskInit, TrainConfig};
 use crate::extract::Budget;
-use crate::minimax::{scheduled_target, MinimaxState, ATTENTION, CHANNELS};
+use crate::minimax::{scheduled_target, Committed, MinimaxState, UpdateStats, ATTENTION, CHANNELS};
 use crate::nodes::NodeLink;
 use crate::parallel::{Membership, Peers};
 use crate::run::{
@@ -103,6 +103,17 @@ struct Progress {
     adapters: Adapters,
     step: u64,
     seconds: f64,
+}
+
+/// A plan extracted at integer widths.
+struct Extraction {
+    /// The widths it was extracted at.
+    choice: Committed,
+    /// Per-layer widths (the rounded mean for a non-uniform plan).
+    widths: Widths,
+    plan: PrunePlan,
+    /// A non-uniform plan's per-layer counts and decoder-layer linear parameters.
+    nonuniform: Option<(Vec<LayerCounts>, usize)>,
 }
 
 /// The losses and gradients of one batch.
@@ -241,6 +252,11 @@ pub fn train_parallel<B: TrainKernels>(
     while run.step < cfg.train.steps {
         if run.step == 0 || run.step == cfg.train.steps / 2 {
             cx.snapshot(&run)?;
+        }
+        let commit_from = cfg.train.steps - cfg.train.commit_steps;
+        if cfg.train.commit_steps > 0 && run.step >= commit_from && run.state.committed.is_none() {
+            let (best, _, _) = B::run(|| cx.best_extraction(&run))?;
+            run.state.committed = Some(best.choice);
         }
         let t0 = Instant::now();
         let g = cx.gradients(&run)?;
@@ -435,7 +451,7 @@ impl<B: TrainKernels> Context<'_, B> {
             .collect();
         let tokens = token_tensor::<B>(&rows, &device);
         let teacher = self.teacher_hidden(batch)?.to_device(&device);
-        let masks = run.state.masks(&cfg.minimax);
+        let masks = self.masks(&run.state);
         let unit = UnitMasks::<B>::from_values(
             c,
             cfg.budget.granularity,
@@ -570,12 +586,18 @@ impl<B: TrainKernels> Context<'_, B> {
         let (cfg, budget) = (self.cfg(), &self.budget);
         let scheduled =
             scheduled_target(budget.target_fraction(), run.step, cfg.train.warmup_steps);
-        let stats = run.state.update(
-            &g.masks,
-            &budget.kinds,
-            &cfg.minimax,
-            scheduled - budget.fixed_share,
-        );
+        let stats = match run.state.committed {
+            None => run.state.update(
+                &g.masks,
+                &budget.kinds,
+                &cfg.minimax,
+                scheduled - budget.fixed_share,
+            ),
+            Some(_) => {
+                run.state.step_masks(&g.masks, &cfg.minimax);
+                self.committed_stats(&run.state)
+            }
+        };
         run.adapters.adam_step(&g.lora, cfg.train.lora_lr);
         run.step += 1;
         let dt = t0.elapsed().as_secs_f64();
@@ -624,7 +646,7 @@ impl<B: TrainKernels> Context<'_, B> {
 
     /// Writes the current mask values to `snapshots/masks-stepNNNNN.json`.
     fn snapshot(&self, run: &Progress) -> Result<(), String> {
-        let masks = run.state.masks(&self.cfg().minimax);
+        let masks = self.masks(&run.state);
         let dir = self.spec.run_dir.join(files::SNAPSHOTS);
         std::fs::create_dir_all(&dir).map_err(|e| err(&dir, format!("cannot create: {e}")))?;
         let [m_attention, m_channels] = masks;
@@ -638,14 +660,181 @@ impl<B: TrainKernels> Context<'_, B> {
             .map_err(|e| e.to_string())
     }
 
-    /// Extraction (exactly `round_to(s)` units in every layer, the top ones by |z|), the
-    /// extraction gap on the held-out windows, and the final files.
+    /// The distillation loss on the held-out calibration windows with the run's adapters,
+    /// under `masks` (none: the dense model with the adapters).
+    fn held_out_loss(
+        &self,
+        adapters: &Adapters,
+        masks: Option<&[LayerMask<B>]>,
+    ) -> Result<f64, String> {
+        let (cfg, c) = (self.cfg(), &self.model.config);
+        let device = self.model.device();
+        let (lora, _) = adapters.to_tensors::<B>(c.num_hidden_layers, &device, |t| t);
+        let eval_rows: Vec<&[u32]> = self
+            .eval_idx
+            .iter()
+            .map(|&i| self.spec.calibration.samples[i].as_slice())
+            .collect();
+        let mut total = 0.0;
+        for chunk in eval_rows.chunks(cfg.train.batch) {
+            let teacher = self
+                .teacher
+                .hidden_states(token_tensor(chunk, &self.teacher.device()), Extras::none())
+                .map_err(|e| e.to_string())?;
+            let [b, t, h] = teacher.dims();
+            let student = self
+                .model
+                .hidden_states(
+                    token_tensor(chunk, &device),
+                    Extras {
+                        masks,
+                        lora: Some(&lora),
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+            let teacher = Tensor::from_inner(teacher.reshape([b * t, h]));
+            let terms = HeadTerms {
+                teacher: Some((teacher, cfg.train.temperature)),
+                targets: None,
+            };
+            let kl = self.model.head_loss(student, terms).distill;
+            total += kl.expect("a teacher was given") * chunk.len() as f64;
+        }
+        Ok(total / eval_rows.len() as f64)
+    }
+
+    /// The integer widths the continuous `s` can round to: uniform, attention down or up
+    /// with the MLP filling the budget; non-uniform, the attention total down or up.
+    fn roundings(&self, state: &MinimaxState) -> Vec<Committed> {
+        let (c, budget) = (&self.model.config, &self.budget);
+        let s = std::array::from_fn(|t| state.width[t] * budget.kinds[t].units as f64);
+        if self.cfg().minimax.uniform {
+            budget
+                .candidate_widths(c, s)
+                .into_iter()
+                .map(Committed::Uniform)
+                .collect()
+        } else {
+            budget
+                .nonuniform_candidates(c.num_hidden_layers, s)
+                .into_iter()
+                .map(|attention_total| Committed::Nonuniform { attention_total })
+                .collect()
+        }
+    }
+
+    /// The plan `choice` extracts from the accumulators `z`.
+    fn extraction(&self, z: &[Vec<Vec<f32>>; 2], choice: Committed) -> Extraction {
+        let c = &self.model.config;
+        match choice {
+            Committed::Uniform(widths) => Extraction {
+                choice,
+                widths,
+                plan: self.budget.extract(c, z, widths, "maskprune"),
+                nonuniform: None,
+            },
+            Committed::Nonuniform { attention_total } => {
+                let (plan, counts, params) = self.budget.extract_nonuniform(c, z, attention_total);
+                Extraction {
+                    choice,
+                    widths: mean_widths(c, &plan),
+                    plan,
+                    nonuniform: Some((counts, params)),
+                }
+            }
+        }
+    }
+
+    /// The extraction with the lowest held-out loss among the roundings of `s` (the
+    /// committed one alone once committed), its loss, and every rounding's loss.
+    #[allow(clippy::type_complexity)]
+    fn best_extraction(
+        &self,
+        run: &Progress,
+    ) -> Result<(Extraction, f64, Vec<(Widths, f64)>), String> {
+        let (c, device) = (&self.model.config, self.model.device());
+        let choices = match run.state.committed {
+            Some(choice) => vec![choice],
+            None => self.roundings(&run.state),
+        };
+        let mut scored = Vec::new();
+        for choice in choices {
+            let e = self.extraction(&run.state.z, choice);
+            let loss = self.held_out_loss(&run.adapters, Some(&e.plan.masks::<B>(c, &device)))?;
+            scored.push((e, loss));
+        }
+        let rounding = scored.iter().map(|(e, l)| (e.widths, *l)).collect();
+        let best = scored
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1 .1.total_cmp(&b.1 .1))
+            .map(|(i, _)| i)
+            .expect("at least one rounding");
+        let (e, loss) = scored.swap_remove(best);
+        Ok((e, loss, rounding))
+    }
+
+    /// The masks of `state`: the thresholded `z`, or once committed, `z` on exactly the
+    /// units the committed extraction keeps.
+    fn masks(&self, state: &MinimaxState) -> [Vec<Vec<f32>>; 2] {
+        let Some(choice) = state.committed else {
+            return state.masks(&self.cfg().minimax);
+        };
+        let plan = self.extraction(&state.z, choice).plan;
+        let granularity = self.budget.granularity;
+        std::array::from_fn(|t| {
+            state.z[t]
+                .iter()
+                .zip(&plan.layers)
+                .map(|(z, layer)| {
+                    let kept = match (t, granularity) {
+                        (CHANNELS, _) => &layer.channels,
+                        (_, Granularity::KvGroup) => &layer.kv_heads,
+                        (_, Granularity::QueryHead) => &layer.query_heads,
+                    };
+                    let mut m = vec![0.0f32; z.len()];
+                    for &i in kept {
+                        // A kept unit's mask must be non-zero to count as kept.
+                        m[i] = if z[i] == 0.0 { f32::MIN_POSITIVE } else { z[i] };
+                    }
+                    m
+                })
+                .collect()
+        })
+    }
+
+    /// The log's view of a committed update: the committed counts, no dual terms.
+    fn committed_stats(&self, state: &MinimaxState) -> UpdateStats {
+        let masks = self.masks(state);
+        let kinds = &self.budget.kinds;
+        let kept: [Vec<usize>; 2] = masks.map(|k| {
+            k.iter()
+                .map(|m| m.iter().filter(|&&v| v != 0.0).count())
+                .collect()
+        });
+        let mean = |t: usize| kept[t].iter().sum::<usize>() as f64 / kept[t].len().max(1) as f64;
+        let s: [f64; 2] = std::array::from_fn(mean);
+        let fraction = (0..2)
+            .map(|t| kinds[t].share * s[t] / kinds[t].units as f64)
+            .sum();
+        UpdateStats {
+            kept,
+            s,
+            params_fraction: fraction,
+            achieved_fraction: fraction,
+            uniformity_term: 0.0,
+            budget_term: 0.0,
+        }
+    }
+
+    /// Extraction (exactly `round_to(s)` units in every layer, the top ones by |z|; or the
+    /// committed widths), the extraction gap on the held-out windows, and the final files.
     fn finish(&self, run: &Progress) -> Result<TrainSummary, String> {
-        let (model, cfg, c, budget) = (self.model, self.cfg(), &self.model.config, &self.budget);
-        let device = model.device();
+        let (cfg, c, budget) = (self.cfg(), &self.model.config, &self.budget);
+        let device = self.model.device();
         let state = &run.state;
         let s = std::array::from_fn(|t| state.width[t] * budget.kinds[t].units as f64);
-        let final_masks = state.masks(&cfg.minimax);
+        let final_masks = self.masks(state);
         let train_masks = UnitMasks::<B>::from_values(
             c,
             cfg.budget.granularity,
@@ -654,72 +843,16 @@ impl<B: TrainKernels> Context<'_, B> {
             &device,
         )
         .layer_masks();
-        let (lora, _) = run
-            .adapters
-            .to_tensors::<B>(c.num_hidden_layers, &device, |t| t);
-        let eval_rows: Vec<&[u32]> = self
-            .eval_idx
-            .iter()
-            .map(|&i| self.spec.calibration.samples[i].as_slice())
-            .collect();
-        let held_out = |masks: Option<&[LayerMask<B>]>| -> Result<f64, String> {
-            let mut total = 0.0;
-            for chunk in eval_rows.chunks(cfg.train.batch) {
-                let teacher = self
-                    .teacher
-                    .hidden_states(token_tensor(chunk, &self.teacher.device()), Extras::none())
-                    .map_err(|e| e.to_string())?;
-                let [b, t, h] = teacher.dims();
-                let student = model
-                    .hidden_states(
-                        token_tensor(chunk, &device),
-                        Extras {
-                            masks,
-                            lora: Some(&lora),
-                        },
-                    )
-                    .map_err(|e| e.to_string())?;
-                let teacher = Tensor::from_inner(teacher.reshape([b * t, h]));
-                let terms = HeadTerms {
-                    teacher: Some((teacher, cfg.train.temperature)),
-                    targets: None,
-                };
-                let kl = model.head_loss(student, terms).distill;
-                total += kl.expect("a teacher was given") * chunk.len() as f64;
-            }
-            Ok(total / eval_rows.len() as f64)
-        };
-        // Rounding s: attention down or up (the MLP filling the budget either way); the
-        // rounding with the lower held-out loss is kept.
-        let mut candidates = Vec::new();
-        let mut nonuniform = Vec::new();
-        if cfg.minimax.uniform {
-            for widths in budget.candidate_widths(c, s) {
-                let plan = budget.extract(c, &state.z, widths, "maskprune");
-                let loss = held_out(Some(&plan.masks::<B>(c, &device)))?;
-                candidates.push((widths, loss, plan));
-            }
-        } else {
-            for total in budget.nonuniform_candidates(c.num_hidden_layers, s) {
-                let (plan, counts, params) = budget.extract_nonuniform(c, &state.z, total);
-                let loss = held_out(Some(&plan.masks::<B>(c, &device)))?;
-                candidates.push((mean_widths(c, &plan), loss, plan));
-                nonuniform.push((counts, params));
-            }
-        }
-        let best = candidates
-            .iter()
-            .enumerate()
-            .min_by(|a, b| a.1 .1.total_cmp(&b.1 .1))
-            .map(|(i, _)| i)
-            .expect("at least one candidate");
-        let rounding: Vec<(Widths, f64)> = candidates.iter().map(|(w, l, _)| (*w, *l)).collect();
-        let (widths, loss_after, plan) = candidates.swap_remove(best);
-        let (nonuniform_kept, decoder_linear_after) = if nonuniform.is_empty() {
-            (None, maskprune_surgery::decoder_linear_params(c, widths))
-        } else {
-            let (counts, params) = nonuniform.swap_remove(best);
-            (Some(counts), params)
+        let (best, loss_after, rounding) = self.best_extraction(run)?;
+        let Extraction {
+            widths,
+            plan,
+            nonuniform,
+            ..
+        } = best;
+        let (nonuniform_kept, decoder_linear_after) = match nonuniform {
+            None => (None, maskprune_surgery::decoder_linear_params(c, widths)),
+            Some((counts, params)) => (Some(counts), params),
         };
         let summary = TrainSummary {
             steps: run.step,
@@ -732,11 +865,16 @@ impl<B: TrainKernels> Context<'_, B> {
                 c.total_params(),
                 c.total_params() - (budget.dense - decoder_linear_after),
             ],
-            loss_before_extraction: held_out(Some(&train_masks))?,
+            loss_before_extraction: self.held_out_loss(&run.adapters, Some(&train_masks))?,
             loss_after_extraction: loss_after,
             rounding,
-            loss_dense_with_lora: held_out(None)?,
+            loss_dense_with_lora: self.held_out_loss(&run.adapters, None)?,
             nonuniform_kept,
+            committed_steps: if state.committed.is_some() {
+                cfg.train.commit_steps
+            } else {
+                0
+            },
         };
         write_outputs(
             self.spec.run_dir,
