@@ -232,12 +232,7 @@ fn committed_updates_train_at_the_extracted_widths() {
             _ => w.query_heads,
         };
         let counts = |r: &serde_json::Value, key: &str| -> Vec<u64> {
-            r[key]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-                .collect()
+            serde_json::from_value(r[key].clone()).unwrap()
         };
         // Every layer keeps exactly the extracted widths over the last 10 updates ...
         for r in &log[20..] {

@@ -451,15 +451,9 @@ impl<B: TrainKernels> Context<'_, B> {
             .collect();
         let tokens = token_tensor::<B>(&rows, &device);
         let teacher = self.teacher_hidden(batch)?.to_device(&device);
-        let masks = self.masks(&run.state);
-        let unit = UnitMasks::<B>::from_values(
-            c,
-            cfg.budget.granularity,
-            masks[ATTENTION].clone(),
-            masks[CHANNELS].clone(),
-            &device,
-        )
-        .require_grad();
+        let unit = self
+            .unit_masks(self.masks(&run.state), &device)
+            .require_grad();
         let (lora, lora_flat) =
             run.adapters
                 .to_tensors::<B>(c.num_hidden_layers, &device, Tensor::require_grad);
@@ -803,6 +797,18 @@ impl<B: TrainKernels> Context<'_, B> {
         })
     }
 
+    /// Mask values (as [`Context::masks`] gives them) as the model's unit masks on `device`.
+    fn unit_masks(&self, masks: [Vec<Vec<f32>>; 2], device: &B::Device) -> UnitMasks<B> {
+        let [attention, channels] = masks;
+        UnitMasks::from_values(
+            &self.model.config,
+            self.budget.granularity,
+            attention,
+            channels,
+            device,
+        )
+    }
+
     /// The log's view of a committed update: the committed counts, no dual terms.
     fn committed_stats(&self, state: &MinimaxState) -> UpdateStats {
         let masks = self.masks(state);
@@ -835,14 +841,7 @@ impl<B: TrainKernels> Context<'_, B> {
         let state = &run.state;
         let s = std::array::from_fn(|t| state.width[t] * budget.kinds[t].units as f64);
         let final_masks = self.masks(state);
-        let train_masks = UnitMasks::<B>::from_values(
-            c,
-            cfg.budget.granularity,
-            final_masks[ATTENTION].clone(),
-            final_masks[CHANNELS].clone(),
-            &device,
-        )
-        .layer_masks();
+        let train_masks = self.unit_masks(final_masks.clone(), &device).layer_masks();
         let (best, loss_after, rounding) = self.best_extraction(run)?;
         let Extraction {
             widths,
