@@ -164,11 +164,7 @@ impl MinimaxState {
 
     /// Kept (non-zero mask) units per layer, per kind.
     pub fn kept(&self, rates: &MinimaxRates) -> [Vec<usize>; 2] {
-        self.masks(rates).map(|k| {
-            k.iter()
-                .map(|m| m.iter().filter(|&&v| v != 0.0).count())
-                .collect()
-        })
+        kept_counts(&self.masks(rates))
     }
 
     /// `p(r)` for widths `r`: the fraction of the dense decoder-layer linear parameters.
@@ -262,12 +258,7 @@ impl MinimaxState {
             let grad = -mean_y + price * kind.share;
             self.width[t] = (self.width[t] - rates.width_lr * grad).clamp(kind.min_fraction, 1.0);
         }
-        let achieved = (0..2)
-            .map(|t| {
-                let mean = kept[t].iter().sum::<usize>() as f64 / kept[t].len().max(1) as f64;
-                kinds[t].share * mean / kinds[t].units as f64
-            })
-            .sum();
+        let achieved = achieved_fraction(&mean_kept(&kept), kinds);
         UpdateStats {
             s: std::array::from_fn(|t| self.width[t] * kinds[t].units as f64),
             params_fraction: Self::params_fraction(self.width, kinds),
@@ -277,6 +268,44 @@ impl MinimaxState {
             kept,
         }
     }
+}
+
+impl UpdateStats {
+    /// A committed update's record: the kept counts, their means as the widths, no dual terms.
+    pub fn committed(kept: [Vec<usize>; 2], kinds: &[UnitKind; 2]) -> Self {
+        let s = mean_kept(&kept);
+        let fraction = achieved_fraction(&s, kinds);
+        Self {
+            kept,
+            s,
+            params_fraction: fraction,
+            achieved_fraction: fraction,
+            uniformity_term: 0.0,
+            budget_term: 0.0,
+        }
+    }
+}
+
+/// Kept (non-zero mask) units per layer, per kind, of mask values.
+pub fn kept_counts(masks: &[Vec<Vec<f32>>; 2]) -> [Vec<usize>; 2] {
+    std::array::from_fn(|t| {
+        masks[t]
+            .iter()
+            .map(|m| m.iter().filter(|&&v| v != 0.0).count())
+            .collect()
+    })
+}
+
+/// Mean kept units over layers, per kind.
+fn mean_kept(kept: &[Vec<usize>; 2]) -> [f64; 2] {
+    std::array::from_fn(|t| kept[t].iter().sum::<usize>() as f64 / kept[t].len().max(1) as f64)
+}
+
+/// `p(kept)`: the parameter fraction mean kept counts imply.
+fn achieved_fraction(mean: &[f64; 2], kinds: &[UnitKind; 2]) -> f64 {
+    (0..2)
+        .map(|t| kinds[t].share * mean[t] / kinds[t].units as f64)
+        .sum()
 }
 
 /// The threshold on `|z|` halfway between the unit at rank `k = round(s)` and the next (ranks

@@ -27,7 +27,9 @@ use maskprune_records::{run::OverLayers, LayerCounts, MaskSnapshot, MaskState};
 
 use crate::config::{MaskInit, TrainConfig};
 use crate::extract::Budget;
-use crate::minimax::{scheduled_target, Committed, MinimaxState, UpdateStats, ATTENTION, CHANNELS};
+use crate::minimax::{
+    kept_counts, scheduled_target, Committed, MinimaxState, UpdateStats, ATTENTION, CHANNELS,
+};
 use crate::nodes::NodeLink;
 use crate::parallel::{Membership, Peers};
 use crate::run::{
@@ -589,7 +591,7 @@ impl<B: TrainKernels> Context<'_, B> {
             ),
             Some(_) => {
                 run.state.step_masks(&g.masks, &cfg.minimax);
-                self.committed_stats(&run.state)
+                UpdateStats::committed(kept_counts(&self.masks(&run.state)), &budget.kinds)
             }
         };
         run.adapters.adam_step(&g.lora, cfg.train.lora_lr);
@@ -807,30 +809,6 @@ impl<B: TrainKernels> Context<'_, B> {
             channels,
             device,
         )
-    }
-
-    /// The log's view of a committed update: the committed counts, no dual terms.
-    fn committed_stats(&self, state: &MinimaxState) -> UpdateStats {
-        let masks = self.masks(state);
-        let kinds = &self.budget.kinds;
-        let kept: [Vec<usize>; 2] = masks.map(|k| {
-            k.iter()
-                .map(|m| m.iter().filter(|&&v| v != 0.0).count())
-                .collect()
-        });
-        let mean = |t: usize| kept[t].iter().sum::<usize>() as f64 / kept[t].len().max(1) as f64;
-        let s: [f64; 2] = std::array::from_fn(mean);
-        let fraction = (0..2)
-            .map(|t| kinds[t].share * s[t] / kinds[t].units as f64)
-            .sum();
-        UpdateStats {
-            kept,
-            s,
-            params_fraction: fraction,
-            achieved_fraction: fraction,
-            uniformity_term: 0.0,
-            budget_term: 0.0,
-        }
     }
 
     /// Extraction (exactly `round_to(s)` units in every layer, the top ones by |z|; or the
