@@ -6,9 +6,9 @@
 # (`maskprune finetune`, distilling the dense model). WikiText-2 and PTB perplexity at
 # seq-len 128 (first PPL_WINDOWS windows: 1,024 of WikiText-2, all 765 of PTB) and the 7
 # zero-shot tasks (first ZS_LIMIT = 500 documents of each, the whole task where smaller).
-# Random and magnitude pruning collapse at every size; they go to an appendix table on the
-# small protocol (256 windows, 100 documents). Speed and size of each MaskPrune model
-# against dense.
+# Random and magnitude pruning collapse at every size; APPENDIX_METHODS="random magnitude"
+# puts them in an appendix table on the small protocol (256 windows, 100 documents). Speed
+# and size of each MaskPrune model against dense. The defaults build the committed table.
 #
 #   scripts/reproduce-table.sh            # SmolLM2-135M, sparsities 20 30 50
 #   scripts/reproduce-table.sh --quick    # minutes: 1 sparsity, 2 training steps, few docs
@@ -22,8 +22,9 @@
 # Environment: MODEL (default: SmolLM2 imported from PyPI), NAME (default smollm2-135m; configs
 # are configs/NAME-<sparsity>.toml), SPARSITIES ("20 30 50"), METHODS (default maskprune
 # maskprune-nonuniform wanda-sp flap taylor; maskprune first: the others take its widths),
-# APPENDIX_METHODS (random magnitude), TUNE (1: the "w/ tune" block), TUNE_METHODS (the methods
-# whose models get the recovery; default METHODS), FINETUNE_FLAGS (extra
+# APPENDIX_METHODS (none by default), TUNE (1: the "w/ tune" block), TUNE_METHODS (the methods
+# whose models get the recovery; default all but maskprune-nonuniform, an ablation the table
+# reports w/o tune), FINETUNE_FLAGS (extra
 # flags for `maskprune finetune`), PPL_WINDOWS (1024), ZS_LIMIT (500), WORK (pruned models;
 # default ~/.cache/maskprune/table/NAME), RESULTS (results/NAME; the --quick default is
 # WORK/results), MASKPRUNE_BIN (a built maskprune to use instead of building one), CONFIGS
@@ -40,9 +41,9 @@ BIN=${MASKPRUNE_BIN:-${CARGO_TARGET_DIR:-target}/release/maskprune}
 MODEL=${MODEL:-$(MASKPRUNE_BIN=$BIN scripts/fetch-smollm2.sh | tail -n 1)}
 WORK=${WORK:-$HOME/.cache/maskprune/table/$NAME}
 METHODS=${METHODS:-"maskprune maskprune-nonuniform wanda-sp flap taylor"}
-APPENDIX_METHODS=${APPENDIX_METHODS-"random magnitude"}
+APPENDIX_METHODS=${APPENDIX_METHODS:-}
 TUNE=${TUNE:-1}
-TUNE_METHODS=${TUNE_METHODS:-$METHODS}
+TUNE_METHODS=${TUNE_METHODS:-"maskprune wanda-sp flap taylor"}
 EXTRA=()
 FINETUNE=(${FINETUNE_FLAGS:-})
 BENCH=(--shapes 1x512,4x256 --decode 1x128+128 --repeats 3)

@@ -403,6 +403,12 @@ fn reproduce_table_quick_writes_the_table() {
             .env("CONFIGS", &configs)
             .env("WORK", dir.join("work"))
             .env("RESULTS", dir.join("results"))
+            // Every path, not the defaults: the appendix and recovery of the ablation row too.
+            .env("APPENDIX_METHODS", "random magnitude")
+            .env(
+                "TUNE_METHODS",
+                "maskprune maskprune-nonuniform wanda-sp flap taylor",
+            )
             .output()
             .unwrap()
     };
