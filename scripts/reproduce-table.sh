@@ -2,8 +2,8 @@
 # The paper-style results table (LLM-Pruner's Table 1 layout) for one model, in two blocks:
 # "w/o tune" — dense, MaskPrune (its own adapters merged), the non-uniform ablation and the
 # one-shot baselines (wanda-sp, flap, taylor) at exactly MaskPrune's widths, for each sparsity
-# — and "w/ tune": every one of those models after the same recovery fine-tuning
-# (`maskprune finetune`, distilling the dense model). WikiText-2 and PTB perplexity at
+# — and "w/ tune": each of those models but the non-uniform ablation after the same recovery
+# fine-tuning (`maskprune finetune`, distilling the dense model). WikiText-2 and PTB perplexity at
 # seq-len 128 (first PPL_WINDOWS windows: 1,024 of WikiText-2, all 765 of PTB) and the 7
 # zero-shot tasks (first ZS_LIMIT = 500 documents of each, the whole task where smaller).
 # Random and magnitude pruning collapse at every size; APPENDIX_METHODS="random magnitude"
@@ -43,7 +43,8 @@ WORK=${WORK:-$HOME/.cache/maskprune/table/$NAME}
 METHODS=${METHODS:-"maskprune maskprune-nonuniform wanda-sp flap taylor"}
 APPENDIX_METHODS=${APPENDIX_METHODS:-}
 TUNE=${TUNE:-1}
-TUNE_METHODS=${TUNE_METHODS:-"maskprune wanda-sp flap taylor"}
+ALL_BUT_ABLATION=" $METHODS "
+TUNE_METHODS=${TUNE_METHODS:-${ALL_BUT_ABLATION// maskprune-nonuniform / }}
 EXTRA=()
 FINETUNE=(${FINETUNE_FLAGS:-})
 BENCH=(--shapes 1x512,4x256 --decode 1x128+128 --repeats 3)
